@@ -1,0 +1,1 @@
+"""nfnets_jax: JAX + Haiku reference reimplementation of NFNets and AGC."""
