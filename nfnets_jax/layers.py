@@ -1,0 +1,175 @@
+"""Normalizer-free building blocks: scaled WS conv, squeeze-excite, stochastic depth, pooling.
+
+Grouped convolutions can run three numerically identical ways (`GROUP_CONV_STRATEGIES`):
+- "native": one `lax.conv_general_dilated` with `feature_group_count`;
+- "split": one dense convolution per group, concatenated;
+- "dense": the grouped kernel expanded into a block-diagonal dense kernel, one convolution
+  (groups x the FLOPs, but the fastest kernels on some backends).
+The parameters are the same for every strategy (kernel HWIO with I = in_channels / groups).
+"auto" picks the measured-fastest for the current backend (see `default_group_conv`).
+"""
+import contextlib
+from collections.abc import Iterator
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+GROUP_CONV_STRATEGIES = ("native", "split", "dense")
+# Fastest strategy per backend, measured with scripts/benchmark.py (README "Performance").
+# GPU/TPU: native grouped convolutions (not measured here; no accelerator was available).
+_DEFAULT_GROUP_CONV = {"cpu": "split"}
+
+
+def default_group_conv(backend: str | None = None) -> str:
+    """The grouped-conv strategy "auto" resolves to on `backend` (default: jax's)."""
+    return _DEFAULT_GROUP_CONV.get(backend or jax.default_backend(), "native")
+
+
+_FORCED: list[str] = []
+
+
+@contextlib.contextmanager
+def forced_group_conv(strategy: str) -> Iterator[None]:
+    """Within the context, every grouped convolution traced uses `strategy`."""
+    _FORCED.append(resolve_group_conv(strategy))
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def resolve_group_conv(strategy: str) -> str:
+    """Validates a strategy name and resolves "auto" (and any forced override)."""
+    if strategy != "auto" and strategy not in GROUP_CONV_STRATEGIES:
+        raise ValueError(f"Unknown group_conv strategy {strategy!r}; valid: 'auto', "
+                         + ", ".join(repr(s) for s in GROUP_CONV_STRATEGIES) + ".")
+    if _FORCED:
+        return _FORCED[-1]
+    if strategy == "auto":
+        return default_group_conv()
+    return strategy
+
+
+def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
+                       eps_mode: str = "max") -> jax.Array:
+    """Scaled weight standardisation of an HWIO kernel, per output unit.
+
+    Reference ("max"): (w - mean) * gain / sqrt(max(fan_in * var, eps)), fan_in = H*W*I.
+    timm ("add"):      (w - mean) * gain / sqrt(fan_in * (var + eps)).
+    """
+    fan_in = w.shape[0] * w.shape[1] * w.shape[2]
+    mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
+    if eps_mode == "max":
+        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+    elif eps_mode == "add":
+        scale = jax.lax.rsqrt((var + eps) * fan_in) * gain
+    else:
+        raise ValueError(f"eps_mode must be 'max' or 'add', got {eps_mode!r}.")
+    return w * scale - mean * scale
+
+
+def grouped_conv(x: jax.Array, w: jax.Array, stride: int, groups: int,
+                 strategy: str = "native") -> jax.Array:
+    """NHWC x HWIO convolution with TF-style SAME padding and `groups` feature groups."""
+    strategy = resolve_group_conv(strategy)
+    conv = lambda lhs, rhs, g=1: jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides=(stride, stride), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
+    if groups == 1 or strategy == "native":
+        return conv(x, w, groups)
+    if strategy == "split":
+        xs = jnp.split(x, groups, axis=-1)
+        ws = jnp.split(w, groups, axis=-1)
+        return jnp.concatenate([conv(a, b) for a, b in zip(xs, ws)], axis=-1)
+    # "dense": block-diagonal expansion of the grouped kernel.
+    kh, kw, cin_g, cout = w.shape
+    cout_g = cout // groups
+    blocks = w.reshape(kh, kw, cin_g, groups, cout_g)
+    eye = jnp.eye(groups, dtype=w.dtype)
+    dense = jnp.einsum("hwigo,gk->hwgiko", blocks, eye).reshape(kh, kw, cin_g * groups, cout)
+    return conv(x, dense)
+
+
+class WSConv2D(hk.Module):
+    """2-D convolution with scaled weight standardisation, a learned gain and a bias.
+
+    Parameters: `w` (HWIO, VarianceScaling(1, fan_in, normal)), `gain` (O,) = 1,
+    `bias` (O,) = 0. Padding is TF-style SAME.
+    """
+
+    def __init__(self, output_channels: int, kernel_shape: int = 1, stride: int = 1,
+                 feature_group_count: int = 1, with_bias: bool = True, eps: float = 1e-4,
+                 eps_mode: str = "max", group_conv: str = "auto", name: str | None = None):
+        super().__init__(name=name)
+        self.output_channels = output_channels
+        self.kernel_shape = kernel_shape
+        self.stride = stride
+        self.groups = feature_group_count
+        self.with_bias = with_bias
+        self.eps = eps
+        self.eps_mode = eps_mode
+        self.group_conv = group_conv
+        if output_channels % feature_group_count:
+            raise ValueError(f"output_channels={output_channels} is not divisible by "
+                             f"feature_group_count={feature_group_count}.")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_ch = x.shape[-1]
+        if in_ch % self.groups:
+            raise ValueError(f"{self.module_name}: {in_ch} input channels are not divisible "
+                             f"by {self.groups} groups.")
+        k = self.kernel_shape
+        w_shape = (k, k, in_ch // self.groups, self.output_channels)
+        w_init = hk.initializers.VarianceScaling(1.0, "fan_in", "normal")
+        w = hk.get_parameter("w", w_shape, x.dtype, init=w_init)
+        gain = hk.get_parameter("gain", (self.output_channels,), w.dtype, init=jnp.ones)
+        w_hat = standardize_weight(w, gain, self.eps, self.eps_mode)
+        out = grouped_conv(x, w_hat, self.stride, self.groups, self.group_conv)
+        if self.with_bias:
+            out = out + hk.get_parameter("bias", (self.output_channels,), out.dtype,
+                                         init=jnp.zeros)
+        return out
+
+
+class SqueezeExcite(hk.Module):
+    """Squeeze-excite gate: mean over H, W -> Linear -> ReLU -> Linear -> sigmoid.
+
+    Returns the gate, shape (N, 1, 1, C), for the caller to multiply with (NFNets use
+    `2 * gate * x`). Submodules are `linear` and `linear_1`, as in the release.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5,
+                 name: str | None = "squeeze_excite"):
+        super().__init__(name=name)
+        self.hidden_ch = max(1, int(in_ch * se_ratio))
+        self.fc0 = hk.Linear(self.hidden_ch, with_bias=True)
+        self.fc1 = hk.Linear(out_ch, with_bias=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.mean(x, axis=(1, 2))
+        h = self.fc1(jax.nn.relu(self.fc0(h)))
+        return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+def stochastic_depth(x: jax.Array, rate: float, is_training: bool,
+                     rng: jax.Array | None = None) -> jax.Array:
+    """Drops the whole residual branch of each example with probability `rate`.
+
+    No 1/keep rescaling (as the reference); the identity at evaluation or when rate == 0.
+    Uses `hk.next_rng_key()` unless `rng` is given.
+    """
+    if not is_training or rate <= 0.0:
+        return x
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}.")
+    rng = hk.next_rng_key() if rng is None else rng
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * keep.astype(x.dtype)
+
+
+def avg_pool_same(x: jax.Array, window: int = 2, stride: int = 2) -> jax.Array:
+    """NHWC average pool, TF-style SAME padding, dividing by the count of unpadded inputs."""
+    return hk.avg_pool(x, window_shape=(1, window, window, 1), strides=(1, stride, stride, 1),
+                       padding="SAME")
