@@ -1,0 +1,99 @@
+"""Metric output of the trainer: TensorBoard events, a JSON-lines file and a progress line.
+
+Only process 0 writes (every process computes the same, cross-device averaged, metrics); the
+other processes get a writer that does nothing. Files go to the workdir:
+`<workdir>/metrics.jsonl` (one JSON object per logging step: {"step", "split", name: value})
+and TensorBoard event files under `<workdir>/tensorboard/`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import jax
+
+
+class MetricWriter:
+    """Writes scalar metrics from process 0 to TensorBoard and `metrics.jsonl`."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        """Opens the writers.
+
+        Args:
+          workdir: the run's working directory.
+          enabled: whether to write; defaults to "this is process 0".
+        """
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter  # Imported lazily: only process 0 needs it.
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+        """Records scalars of one split ('train', 'eval', 'eval_ema') at a step."""
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in scalars.items()}
+        for name, value in values.items():
+            self._tb.add_scalar(f"{split}/{name}", value, step)
+        record = {"step": int(step), "split": split}
+        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        """Flushes the TensorBoard writer."""
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Closes the TensorBoard writer."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Reads a `metrics.jsonl` file into a list of records."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A live progress line: step, images/s, loss, lr, ETA."""
+
+    def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0,
+                 enabled: bool | None = None):
+        """Starts the clock at `start_step`."""
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._last_step = start_step
+        self._last_time = time.time()
+
+    def update(self, step: int, loss: float, lr: float) -> str:
+        """Prints (process 0) and returns the progress line for `step`."""
+        now = time.time()
+        steps = max(step - self._last_step, 1)
+        seconds_per_step = max(now - self._last_time, 1e-9) / steps
+        images_per_second = self.global_batch_size / seconds_per_step
+        eta = _format_duration(seconds_per_step * max(self.total_steps - step, 0))
+        line = (f"step {step}/{self.total_steps} | {images_per_second:,.1f} img/s | "
+                f"loss {loss:.4f} | lr {lr:.4g} | ETA {eta}")
+        self._last_step, self._last_time = step, now
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)
+        return line
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"

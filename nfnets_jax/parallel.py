@@ -1,0 +1,149 @@
+"""All pmap plumbing of the trainer: distributed start-up, device counts, replicate, shard.
+
+Data parallelism here is `jax.pmap` over the local devices of every process, with one named
+axis, `AXIS_NAME`, spanning every device of every host: `lax.pmean` over it averages across the
+whole pod, and `lax.axis_index` over it is the global device index (0 .. device_count - 1),
+which also makes the per-device RNG streams independent of how devices are split into hosts.
+
+Keeping every pmap-aware helper in this one module keeps a later move to `jit` + sharding local.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+AXIS_NAME = "batch"
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    cpu_collectives: str | None = None,
+) -> None:
+    """Starts `jax.distributed` when this run spans several processes.
+
+    Does nothing for a single-process run (no arguments and no cluster environment). On TPU pod
+    slices and on Slurm/Open MPI clusters JAX discovers the coordinator itself, so calling this
+    with no arguments is enough; elsewhere pass the coordinator and the process layout.
+
+    Args:
+      coordinator_address: `host:port` of process 0's coordinator service, or None.
+      num_processes: total number of processes, or None to auto-detect.
+      process_id: this process's index, or None to auto-detect.
+      cpu_collectives: CPU collectives implementation for multi-process CPU runs ('gloo'); must
+        be set before `jax.distributed.initialize`, so it is taken here.
+
+    Raises:
+      ValueError: if only some of the three layout arguments are given.
+    """
+    layout = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in layout) and any(v is None for v in layout):
+        raise ValueError(
+            "Distributed launch needs all of coordinator_address, num_processes and process_id "
+            f"(got {layout}); pass none of them to auto-detect on TPU pods and clusters.")
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    if coordinator_address is not None:
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    elif _in_cluster_environment():
+        jax.distributed.initialize()
+
+
+def _in_cluster_environment() -> bool:
+    """Whether JAX can auto-detect a multi-process layout (TPU pod, Slurm, Open MPI)."""
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def per_device_batch_size(global_batch_size: int) -> int:
+    """Splits a global batch over every device of every process.
+
+    Args:
+      global_batch_size: examples per training step, summed over the whole job.
+
+    Returns:
+      The number of examples each device processes per step.
+
+    Raises:
+      ValueError: if the global batch does not divide by the total device count.
+    """
+    devices = jax.device_count()
+    if global_batch_size <= 0 or global_batch_size % devices:
+        raise ValueError(
+            f"Global batch size {global_batch_size} is not divisible by the total device count "
+            f"{devices} ({jax.process_count()} process(es) x {jax.local_device_count()} local "
+            "devices); choose a multiple of the device count.")
+    return global_batch_size // devices
+
+
+def pmap(fn: Callable[..., Any], donate_argnums: tuple[int, ...] = ()) -> Callable[..., Any]:
+    """`jax.pmap` over the local devices with the trainer's named axis."""
+    return jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=donate_argnums)
+
+
+def pmean(tree: Any) -> Any:
+    """Averages a pytree over every device of every process (call inside `pmap`)."""
+    return jax.lax.pmean(tree, axis_name=AXIS_NAME)
+
+
+def psum(tree: Any) -> Any:
+    """Sums a pytree over every device of every process (call inside `pmap`)."""
+    return jax.lax.psum(tree, axis_name=AXIS_NAME)
+
+
+def device_index() -> jax.Array:
+    """The global index of the current device (call inside `pmap`)."""
+    return jax.lax.axis_index(AXIS_NAME)
+
+
+def _local_sharding() -> jax.sharding.NamedSharding:
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS_NAME,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
+
+
+def replicate(tree: Any) -> Any:
+    """Copies a host pytree onto every local device (a new leading device axis)."""
+    n = jax.local_device_count()
+    sharding = _local_sharding()
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding),
+        tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """Fetches the first local replica of a replicated pytree to host numpy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0]
+                        if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
+
+
+def shard(batch: Any) -> Any:
+    """Puts a host batch shaped [local_devices, per_device, ...] onto the local devices."""
+    n = jax.local_device_count()
+    for leaf in jax.tree.leaves(batch):
+        if np.shape(leaf)[0] != n:
+            raise ValueError(f"Batch leading axis {np.shape(leaf)[0]} != local device count {n}.")
+    return jax.device_put(batch, _local_sharding())
+
+
+def fetch(tree: Any) -> Any:
+    """Fetches a per-device pytree to host numpy, shaped [local_devices, ...]."""
+    return jax.device_get(tree)
+
+
+def replicas_identical(tree: Any) -> bool:
+    """Whether every local replica of a replicated pytree holds bit-identical values."""
+    for leaf in jax.tree.leaves(jax.device_get(tree)):
+        leaf = np.asarray(leaf)
+        if not all(np.array_equal(leaf[0], leaf[i], equal_nan=True)
+                   for i in range(1, leaf.shape[0])):
+            return False
+    return True

@@ -1,0 +1,619 @@
+"""The NFNet trainer: small pure functions and `train_and_evaluate(config, workdir)`.
+
+One command trains on one CPU, on all GPUs or TPU cores of a machine, or on a multi-host pod
+(see scripts/train.py). Data parallelism is `jax.pmap` over local devices with gradients
+averaged over every device of every host (all pmap plumbing is in `nfnets_jax.parallel`).
+
+The recipe (REFERENCE §4): bfloat16 compute with float32 master weights (a `jmp` policy),
+label smoothing after mixing, per-device RNG streams for dropout and stochastic depth, AGC ->
+weight decay -> Nesterov SGD on the averaged float32 gradient (`nfnets_jax.optim`), optional
+SAM (`optax.contrib.sam`), an EMA of the parameters with decay min(0.99999, (1+t)/(10+t)),
+and evaluation of both raw and EMA weights on the whole eval split.
+
+Runs always resume from the newest checkpoint in the workdir; SIGTERM saves a checkpoint and
+exits cleanly; a non-finite loss stops the run with `NonFiniteLossError`, keeping the last good
+checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import jmp
+import ml_collections
+import numpy as np
+import optax
+
+from nfnets_jax import checkpointing, nfnet, optim, parallel
+from nfnets_jax import metrics as metrics_lib
+
+LR_BASE_BATCH_SIZE = 256
+NON_FINITE_MESSAGE = "Non-finite loss"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when training produces a non-finite loss or gradient."""
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from step to step (and checkpoints)."""
+
+    step: jax.Array  # int32 scalar: number of updates applied.
+    params: hk.Params  # float32 master weights.
+    ema_params: hk.Params
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 raw key data; per-step, per-device keys are folded from it.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Values derived from the config and the dataset, computed once in `make_plan`."""
+
+    num_classes: int
+    num_train_examples: int
+    steps_per_epoch: float
+    total_steps: int
+    warmup_steps: int
+    peak_learning_rate: float
+    per_device_batch_size: int
+    train_image_size: int
+    eval_image_size: int
+    randaug_layers: int
+    randaug_magnitude: int
+
+
+# ------------------------------------------------------------------------------------------
+# Model, plan and optimizer.
+# ------------------------------------------------------------------------------------------
+
+
+def variant_defaults(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Image sizes and RandAugment settings of the configured model variant.
+
+    NFNet variants take theirs from `nfnet.VARIANTS`; NF-ResNets use 224 px for training
+    and testing and RandAugment off, as in their paper.
+    """
+    if config.model_name == "NFNet":
+        info = nfnet.VARIANTS[config.model.variant]
+        return dict(train_imsize=info["train_imsize"], test_imsize=info["test_imsize"],
+                    randaug_layers=info["randaug_layers"],
+                    randaug_magnitude=info["randaug_magnitude"])
+    if config.model_name == "NFResNet":
+        return dict(train_imsize=224, test_imsize=224, randaug_layers=0, randaug_magnitude=0)
+    raise ValueError(f"Unknown model_name {config.model_name!r}; valid: NFNet, NFResNet.")
+
+
+def make_plan(config: ml_collections.ConfigDict, num_classes: int,
+              num_train_examples: int) -> Plan:
+    """Derives steps, learning rate, batch split and image sizes from the config.
+
+    Args:
+      config: the training config.
+      num_classes: classes of the dataset.
+      num_train_examples: training examples per epoch (`config.num_train_examples` wins when
+        it is > 0).
+
+    Returns:
+      The plan.
+
+    Raises:
+      ValueError: if the batch does not divide by the device count, or the run is empty.
+    """
+    per_device = parallel.per_device_batch_size(config.batch_size)
+    parallel.per_device_batch_size(config.eval_batch_size)
+    examples = config.num_train_examples or num_train_examples
+    steps_per_epoch = examples / config.batch_size
+    if config.num_train_steps > 0:
+        total_steps = int(config.num_train_steps)
+    else:
+        total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
+    if total_steps <= 0:
+        raise ValueError(f"The run has no steps (num_epochs={config.num_epochs}, "
+                         f"num_train_steps={config.num_train_steps}).")
+    warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    defaults = variant_defaults(config)
+    augment = config.augment
+    return Plan(
+        num_classes=num_classes,
+        num_train_examples=examples,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=max(warmup_steps, 0),
+        peak_learning_rate=config.base_learning_rate * config.batch_size / LR_BASE_BATCH_SIZE,
+        per_device_batch_size=per_device,
+        train_image_size=config.train_image_size or defaults["train_imsize"],
+        eval_image_size=config.eval_image_size or defaults["test_imsize"],
+        randaug_layers=(defaults["randaug_layers"] if augment.randaug_layers < 0
+                        else augment.randaug_layers),
+        randaug_magnitude=(defaults["randaug_magnitude"] if augment.randaug_magnitude < 0
+                           else augment.randaug_magnitude),
+    )
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Constructor arguments of the model: `config.model` without the unset (None) fields."""
+    kwargs = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    for key in ("depths", "widths"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return kwargs
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> hk.Transformed:
+    """The configured network as a Haiku transform: `apply(params, rng, images, is_training)`."""
+    kwargs = model_kwargs(config)
+
+    def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
+        if config.model_name == "NFNet":
+            net = nfnet.NFNet(num_classes=num_classes, **kwargs)
+        elif config.model_name == "NFResNet":
+            from nfnets_jax import nfresnet  # Only NF-ResNet configs need it.
+            net = nfresnet.NFResNet(num_classes=num_classes, **kwargs)
+        else:
+            raise ValueError(f"Unknown model_name {config.model_name!r}; valid: NFNet, NFResNet.")
+        return net(images, is_training=is_training)
+
+    return hk.transform(forward)
+
+
+def make_schedule(plan: Plan) -> optax.Schedule:
+    """Linear warmup to the peak learning rate, then cosine decay to 0 at the last step."""
+    return optim.warmup_cosine_schedule(plan.peak_learning_rate, plan.warmup_steps,
+                                        plan.total_steps)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, plan: Plan) -> optax.GradientTransformation:
+    """AGC -> weight decay -> Nesterov SGD, wrapped in SAM when `config.sam.enabled`.
+
+    SAM runs in optax's opaque mode: one call to `update` takes the adversarial step (a
+    normalised gradient ascent step of size `rho`, with the gradient averaged over all
+    devices) and then the outer optimizer's step, so one trainer step is one SAM update.
+    """
+    base = optim.make_optimizer(
+        learning_rate=make_schedule(plan), clipping=config.clipping or None,
+        weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov)
+    if not config.sam.enabled:
+        return base
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam.rho))
+    return optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True,
+                             batch_axis_name=parallel.AXIS_NAME)
+
+
+def precision_policy(config: ml_collections.ConfigDict) -> jmp.Policy:
+    """float32 params, `config.dtype` compute, float32 outputs (logits for the loss)."""
+    dtype = jnp.dtype(config.dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {config.dtype!r}.")
+    return jmp.Policy(param_dtype=jnp.float32, compute_dtype=dtype, output_dtype=jnp.float32)
+
+
+def create_train_state(model: hk.Transformed, optimizer: optax.GradientTransformation,
+                       image_size: int, seed: int) -> TrainState:
+    """Initialises the training state on the host (identical on every process for a seed).
+
+    Args:
+      model: the network transform.
+      optimizer: the optimizer.
+      image_size: training image side, for shape inference.
+      seed: the run's seed; the model init key and the base training key derive from it.
+
+    Returns:
+      A host (numpy) `TrainState` at step 0 with EMA params equal to the params.
+    """
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    params = jax.jit(model.init, static_argnums=2)(init_key, dummy, True)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+        opt_state=jax.jit(optimizer.init)(params), rng=jax.random.key_data(train_key))
+    return jax.device_get(state)
+
+
+def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
+    """The EMA decay at update `step`: min(max_decay, (1 + step) / (10 + step))."""
+    step = step.astype(jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def l2_norm(tree: Any) -> jax.Array:
+    """Global l2 norm of a pytree, in float32."""
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+# ------------------------------------------------------------------------------------------
+# Loss, train step, eval step (pure; `pmap`ed by the caller).
+# ------------------------------------------------------------------------------------------
+
+
+def smooth_labels(labels: jax.Array, smoothing: float) -> jax.Array:
+    """Label smoothing of (possibly mixed) target distributions."""
+    num_classes = labels.shape[-1]
+    return labels * (1.0 - smoothing) + smoothing / num_classes
+
+
+def loss_fn(params: hk.Params, rng: jax.Array, images: jax.Array, labels: jax.Array, *,
+            model: hk.Transformed, policy: jmp.Policy, label_smoothing: float,
+            ) -> tuple[jax.Array, jax.Array]:
+    """Mean softmax cross-entropy against smoothed targets, computed in `policy`'s precision.
+
+    Args:
+      params: float32 master weights (cast to the compute dtype here, so gradients come
+        back in float32).
+      rng: key for dropout and stochastic depth.
+      images: [batch, H, W, 3] normalised images.
+      labels: [batch, num_classes] target distributions (one-hot or mixed), unsmoothed.
+      model: the network transform.
+      policy: the mixed precision policy.
+      label_smoothing: smoothing applied to `labels`.
+
+    Returns:
+      (loss, float32 logits).
+    """
+    outputs = model.apply(policy.cast_to_compute(params), rng, policy.cast_to_compute(images),
+                          True)
+    logits = policy.cast_to_output(outputs["logits"])
+    targets = smooth_labels(labels.astype(jnp.float32), label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets)), logits
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], stop_request: jax.Array, *,
+               model: hk.Transformed, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, policy: jmp.Policy, label_smoothing: float,
+               max_ema_decay: float, use_sam: bool,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One data-parallel update; call under `parallel.pmap`.
+
+    Args:
+      state: this device's replica of the training state.
+      batch: this device's {"images", "labels"} examples.
+      stop_request: 1 if this process was asked to stop (SIGTERM), else 0; summed over
+        devices so every process sees every request at the same step.
+      model, optimizer, schedule, policy, label_smoothing, max_ema_decay, use_sam: the
+        static pieces of the recipe (bound with functools.partial).
+
+    Returns:
+      The new state and metrics, already averaged over all devices.
+    """
+    base_key = jax.random.wrap_key_data(state.rng)
+    rng = jax.random.fold_in(jax.random.fold_in(base_key, state.step), parallel.device_index())
+    images, labels = batch["images"], batch["labels"]
+    loss_and_grad = jax.value_and_grad(
+        functools.partial(loss_fn, model=model, policy=policy, label_smoothing=label_smoothing),
+        has_aux=True)
+    (loss, logits), grads = loss_and_grad(state.params, rng, images, labels)
+    # The update must see the gradient of the global batch: average over every device.
+    grads = parallel.pmean(grads)
+    if use_sam:
+        def adversarial_grad(params: hk.Params, index: int) -> hk.Params:
+            step_rng = jax.random.fold_in(rng, index + 1)
+            return jax.grad(lambda p: loss_fn(
+                p, step_rng, images, labels, model=model, policy=policy,
+                label_smoothing=label_smoothing)[0])(params)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                              grad_fn=adversarial_grad)
+    else:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(state.step, max_ema_decay)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                              state.ema_params, params)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+    metrics = {"loss": loss, "accuracy": accuracy}
+    metrics = parallel.pmean(metrics)
+    metrics.update(
+        grad_norm=l2_norm(grads), param_norm=l2_norm(params), update_norm=l2_norm(updates),
+        learning_rate=schedule(state.step), ema_decay=decay,
+        stop_requests=parallel.psum(stop_request))
+    metrics.update(optim.agc_metrics(opt_state))
+    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
+                           opt_state=opt_state, rng=state.rng)
+    return new_state, metrics
+
+
+def eval_step(params: hk.Params, batch: Mapping[str, jax.Array], *, model: hk.Transformed,
+              policy: jmp.Policy) -> dict[str, jax.Array]:
+    """Sums of loss, top-1 and top-5 hits and example count over the valid examples.
+
+    Call under `parallel.pmap`; the sums cover every device. Padding examples (mask 0) count
+    for nothing, so summing over an epoch of padded batches counts each example once.
+    """
+    outputs = model.apply(policy.cast_to_compute(params), None,
+                          policy.cast_to_compute(batch["images"]), False)
+    logits = policy.cast_to_output(outputs["logits"])
+    labels = batch["labels"].astype(jnp.int32)
+    mask = batch["mask"].astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    sums = {
+        "loss": jnp.sum(loss * mask),
+        "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+    return parallel.psum(sums)
+
+
+# ------------------------------------------------------------------------------------------
+# Data.
+# ------------------------------------------------------------------------------------------
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str | None:
+    """The configured data directory, None for the dataset's default."""
+    return config.data_dir or None
+
+
+def augment_options(config: ml_collections.ConfigDict, plan: Plan) -> Any:
+    """The pipeline's `augment` argument (a `pipeline.AugmentConfig`) for this config."""
+    from nfnets_jax.data import pipeline
+    if not config.augment.enabled:
+        return None
+    return pipeline.AugmentConfig(
+        random_crop=config.augment.random_crop, flip=config.augment.flip,
+        randaugment_layers=plan.randaug_layers,
+        randaugment_magnitude=float(plan.randaug_magnitude),
+        mixup_alpha=config.augment.mixup_alpha, cutmix=config.augment.cutmix)
+
+
+def input_dtype(config: ml_collections.ConfigDict) -> str:
+    """Image dtype the pipeline produces: bfloat16 when computing in it (halves transfers)."""
+    return "bfloat16" if jnp.dtype(config.dtype) == jnp.bfloat16 else "float32"
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, plan: Plan, start_step: int,
+                        process_index: int | None = None, process_count: int | None = None,
+                        ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's shard of the training batches, from `start_step` on."""
+    from nfnets_jax.data import pipeline
+    return pipeline.train_iterator(
+        config.dataset, data_dir=data_dir(config), global_batch_size=config.batch_size,
+        image_size=plan.train_image_size, dtype=input_dtype(config),
+        augment=augment_options(config, plan), seed=config.seed, start_step=start_step,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count,
+        local_device_count=jax.local_device_count())
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, plan: Plan,
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over this process's shard of the eval split, padded and masked."""
+    from nfnets_jax.data import pipeline
+    return pipeline.eval_iterator(
+        config.dataset, data_dir=data_dir(config), split=config.eval_split or None,
+        global_batch_size=config.eval_batch_size, image_size=plan.eval_image_size,
+        dtype=input_dtype(config))
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(num_classes, num_train_examples) of the configured dataset."""
+    from nfnets_jax.data import pipeline
+    info = pipeline.dataset_info(config.dataset, data_dir(config))
+    return info.num_classes, info.num_train
+
+
+def evaluate(p_eval: Callable[..., Any], params: hk.Params,
+             batches: Iterator[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Top-1, top-5 (as fractions) and mean loss of replicated `params` over `batches`."""
+    totals = None
+    for batch in batches:
+        sums = p_eval(params, parallel.shard(batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError("The eval split is empty.")
+    totals = jax.tree.map(float, parallel.unreplicate(totals))
+    count = max(totals["count"], 1.0)
+    return {"top1": totals["top1"] / count, "top5": totals["top5"] / count,
+            "loss": totals["loss"] / count, "count": totals["count"]}
+
+
+# ------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """Turns SIGTERM into a flag the loop polls (only in the main thread)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: no handler, the flag stays False.
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def restore_or_create(config: ml_collections.ConfigDict, checkpointer: checkpointing.Checkpointer,
+                      model: hk.Transformed, optimizer: optax.GradientTransformation,
+                      plan: Plan) -> TrainState:
+    """The newest checkpoint in the workdir, else a fresh state (from `init_checkpoint`)."""
+    state = create_train_state(model, optimizer, plan.train_image_size, config.seed)
+    if checkpointer.latest_step() is not None:
+        restored = checkpointer.restore(state._asdict())
+        logging.info("Resuming from step %d in %s.", int(restored["step"]),
+                     checkpointer.directory)
+        return TrainState(**restored)
+    if config.init_checkpoint:
+        params = load_pretrained(config.init_checkpoint, state.params)
+        state = TrainState(step=state.step, params=params, ema_params=params,
+                           opt_state=jax.device_get(jax.jit(optimizer.init)(params)),
+                           rng=state.rng)
+    return state
+
+
+def load_pretrained(path: str, fresh_params: hk.Params) -> hk.Params:
+    """Released weights for fine-tuning, with freshly initialised classifier if shapes differ.
+
+    Args:
+      path: a released parameter file (or a zoo name the checkpoint module resolves).
+      fresh_params: the initialised params of the model being trained.
+
+    Returns:
+      `fresh_params` with every parameter whose path and shape match taken from the file.
+
+    Raises:
+      ValueError: if a non-classifier parameter is missing or has another shape.
+    """
+    from nfnets_jax import checkpoints
+    loaded = checkpoints.load_params(path)
+    params = {}
+    for module, values in fresh_params.items():
+        params[module] = {}
+        for name, fresh in values.items():
+            source = loaded.get(module, {}).get(name)
+            is_classifier = module.endswith("~/linear") and "squeeze_excite" not in module
+            if source is not None and np.shape(source) == np.shape(fresh):
+                params[module][name] = np.asarray(source, np.float32)
+            elif is_classifier:
+                params[module][name] = fresh  # A new head for a new label set.
+            else:
+                raise ValueError(
+                    f"Pretrained checkpoint {path} has no parameter {module}/{name} of shape "
+                    f"{np.shape(fresh)} (found {None if source is None else np.shape(source)}).")
+    return params
+
+
+def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       step_hook: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Trains and evaluates a model; resumes from the newest checkpoint in `workdir`.
+
+    Args:
+      config: the training config (see configs/default.py).
+      workdir: where checkpoints, TensorBoard events and metrics.jsonl go.
+      step_hook: called with the step number before each step (for tests and tooling).
+
+    Returns:
+      {"step", "train": last train metrics, "eval": raw-weight eval metrics,
+       "eval_ema": EMA eval metrics (if `config.eval_ema`), "state": host TrainState,
+       "preempted": whether the run stopped on SIGTERM}.
+
+    Raises:
+      NonFiniteLossError: if a step produced a non-finite loss or gradient.
+    """
+    num_classes, num_train_examples = dataset_info(config)
+    plan = make_plan(config, num_classes, num_train_examples)
+    model = build_model(config, plan.num_classes)
+    optimizer = make_optimizer(config, plan)
+    schedule = make_schedule(plan)
+    policy = precision_policy(config)
+    checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+    writer = metrics_lib.MetricWriter(workdir)
+
+    host_state = restore_or_create(config, checkpointer, model, optimizer, plan)
+    step = int(host_state.step)
+    state = parallel.replicate(host_state)
+    del host_state
+
+    p_train = parallel.pmap(functools.partial(
+        train_step, model=model, optimizer=optimizer, schedule=schedule, policy=policy,
+        label_smoothing=config.label_smoothing, max_ema_decay=config.ema_decay,
+        use_sam=config.sam.enabled), donate_argnums=(0,))
+    p_eval = parallel.pmap(functools.partial(eval_step, model=model, policy=policy))
+
+    def run_eval() -> dict[str, dict[str, float]]:
+        results = {"eval": evaluate(p_eval, state.params, make_eval_iterator(config, plan))}
+        if config.eval_ema:
+            results["eval_ema"] = evaluate(p_eval, state.ema_params,
+                                           make_eval_iterator(config, plan))
+        for split, values in results.items():
+            writer.write(step, split, values)
+            if jax.process_index() == 0:
+                logging.info("%s at step %d: top-1 %.4f, top-5 %.4f, loss %.4f", split, step,
+                             values["top1"], values["top5"], values["loss"])
+        writer.flush()
+        return results
+
+    def save() -> None:
+        checkpointer.save(step, jax.device_get(parallel.unreplicate(state)))
+
+    progress = metrics_lib.Progress(plan.total_steps, config.batch_size, start_step=step)
+    logging.info("Training %d steps (%.1f epochs of %d examples) at global batch %d on %d "
+                 "devices (%d processes); peak lr %.4g, warmup %d steps.", plan.total_steps,
+                 plan.total_steps / plan.steps_per_epoch, plan.num_train_examples,
+                 config.batch_size, jax.device_count(), jax.process_count(),
+                 plan.peak_learning_rate, plan.warmup_steps)
+    train_batches = make_train_iterator(config, plan, start_step=step)
+    ckpt_every = config.checkpoint_every_steps
+    log = {"train": {}, "interval": [], "step": step, "preempted": False}
+    results: dict[str, Any] = {}
+    pending = None  # (step, device metrics) of the newest step, read one step late.
+
+    def consume(entry: tuple[int, Any]) -> None:
+        done_step, device_metrics = entry
+        values = _host_metrics(device_metrics)
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            raise NonFiniteLossError(
+                f"{NON_FINITE_MESSAGE} ({values['loss']}, gradient norm {values['grad_norm']}) "
+                f"at step {done_step}: stopping. The last good checkpoint is step "
+                f"{checkpointer.latest_step()} in {checkpointer.directory}; lower the learning "
+                "rate or check the data before resuming.")
+        log["train"], log["step"] = values, done_step
+        log["interval"].append(values)
+        log["preempted"] = log["preempted"] or values["stop_requests"] > 0
+
+    try:
+        with _StopRequest() as stop:
+            while step < plan.total_steps:
+                if step_hook is not None:
+                    step_hook(step)
+                batch = parallel.shard(next(train_batches))
+                request = np.full((jax.local_device_count(),), int(stop.requested), np.int32)
+                state, device_metrics = p_train(state, batch, request)
+                step += 1
+                if pending is not None:
+                    consume(pending)
+                pending = (step, device_metrics)
+                is_last = step == plan.total_steps
+                save_now = is_last or log["preempted"] or bool(ckpt_every and
+                                                               step % ckpt_every == 0)
+                if save_now:  # Read this step's metrics: never save a state after a NaN.
+                    consume(pending)
+                    pending = None
+                interval = log["interval"]
+                if interval and (save_now or log["step"] % config.log_every_steps == 0):
+                    means = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
+                    writer.write(log["step"], "train", means)
+                    progress.update(log["step"], means["loss"], means["learning_rate"])
+                    log["interval"] = []
+                if save_now:
+                    save()
+                if log["preempted"]:
+                    logging.warning("Stopped at step %d on request; checkpoint saved in %s.",
+                                    step, checkpointer.directory)
+                    break
+                if (not is_last and config.eval_every_steps
+                        and step % config.eval_every_steps == 0):
+                    results.update(run_eval())
+            if not log["preempted"] and (step == plan.total_steps):
+                results.update(run_eval())
+    finally:
+        writer.close()
+        checkpointer.close()
+    results.update(step=step, train=log["train"], preempted=log["preempted"],
+                   state=jax.device_get(parallel.unreplicate(state)))
+    return results

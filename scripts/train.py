@@ -1,0 +1,54 @@
+"""Trains an NFNet from a config file: one CPU, all local GPUs / TPU cores, or a multi-host pod.
+
+  python scripts/train.py --config=configs/quickstart.py --workdir=/tmp/nfnets_quickstart
+  python scripts/train.py --config=configs/imagenet_nfnet.py:F3 --workdir=gs://bucket/f3 \
+      --config.data_dir=gs://bucket/tfds --config.batch_size=4096
+
+Run the same command on every host of a TPU pod slice (JAX finds the other hosts itself).
+Elsewhere, multi-process runs pass --coordinator_address, --num_processes and --process_id.
+A run always resumes from the newest checkpoint in --workdir.
+"""
+import logging as py_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from nfnets_jax import parallel, train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/imagenet_nfnet.py:F1.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs (not needed "
+    "on TPU pods, Slurm or Open MPI, where JAX discovers the layout).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_COLLECTIVES = flags.DEFINE_string(
+    "cpu_collectives", None, "CPU collectives for multi-process CPU runs, e.g. 'gloo'.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _DropLibraryChatter(py_logging.Filter):
+    """Keeps orbax's per-save INFO lines out of the training log."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_DropLibraryChatter())
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    cpu_collectives=_CPU_COLLECTIVES.value)
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    for split in ("eval", "eval_ema"):
+        if split in results:
+            values = results[split]
+            logging.info("Final %s (step %d): top-1 %.2f%%, top-5 %.2f%%, loss %.4f.", split,
+                         results["step"], 100 * values["top1"], 100 * values["top5"],
+                         values["loss"])
+
+
+if __name__ == "__main__":
+    app.run(main)
