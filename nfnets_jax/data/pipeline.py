@@ -60,7 +60,7 @@ DIGITS = AugmentConfig(False, False, 0, 0.0, 0.0, False)
 NONE = AugmentConfig(False, False, 0, 0.0, 0.0, False)
 
 
-def default_augment(dataset: str) -> AugmentConfig:
+def default_augment(dataset) -> AugmentConfig:
   """Sensible defaults: DIGITS for 'digits', PAPER_F0 otherwise."""
   return DIGITS if dataset == "digits" else PAPER_F0
 
@@ -112,12 +112,12 @@ def _topology(process_index, process_count, local_device_count):
   return process_index, process_count, local_device_count
 
 
-def dataset_info(dataset: str, data_dir: str | None = None, *,
+def dataset_info(dataset: str | sources.Source, data_dir: str | None = None, *,
                  eval_split: str | None = None, manual_dir: str | None = None) -> DatasetInfo:
   """Class count and split sizes of a dataset.
 
   Args:
-    dataset: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'.
+    dataset: 'digits', 'imagenet2012', 'tfds:<name>', 'folder:<path>' or a Source.
     data_dir: TFDS data directory.
     eval_split: evaluation split (None: the dataset's default, e.g. 'validation').
     manual_dir: imagenet2012 manual download directory.
@@ -163,8 +163,9 @@ def _raise_undecodable(source, split: str, indices_of_batch, error):
         f"(dataset {source.name!r}, split {split!r}).") from error
 
 
-def train_iterator(dataset: str, *, data_dir: str | None = None, global_batch_size: int,
-                   image_size: int, dtype="float32", augment=None, seed: int = 0,
+def train_iterator(dataset: str | sources.Source, *, data_dir: str | None = None,
+                   global_batch_size: int, image_size: int, dtype="float32", augment=None,
+                   seed: int = 0,
                    start_step: int = 0, process_index: int | None = None,
                    process_count: int | None = None, local_device_count: int | None = None,
                    num_threads: int | None = None, manual_dir: str | None = None,
@@ -172,7 +173,7 @@ def train_iterator(dataset: str, *, data_dir: str | None = None, global_batch_si
   """Infinite, deterministic, resumable training batches for this host.
 
   Args:
-    dataset: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'.
+    dataset: 'digits', 'imagenet2012', 'tfds:<name>', 'folder:<path>' or a Source.
     data_dir: TFDS data directory.
     global_batch_size: batch over all hosts and devices; must divide by
       process_count * local_device_count.
@@ -262,8 +263,9 @@ def train_iterator(dataset: str, *, data_dir: str | None = None, global_batch_si
       source, split, lambda: indices_of_batch_at(step), e))
 
 
-def eval_iterator(dataset: str, *, data_dir: str | None = None, split: str | None = None,
-                  global_batch_size: int, image_size: int, dtype="float32",
+def eval_iterator(dataset: str | sources.Source, *, data_dir: str | None = None,
+                  split: str | None = None, global_batch_size: int, image_size: int,
+                  dtype="float32",
                   margin: int | None = None, process_index: int | None = None,
                   process_count: int | None = None, local_device_count: int | None = None,
                   num_threads: int | None = None, manual_dir: str | None = None,
@@ -274,7 +276,7 @@ def eval_iterator(dataset: str, *, data_dir: str | None = None, split: str | Non
   largest shard decides) and padded examples carry mask 0.
 
   Args:
-    dataset: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'.
+    dataset: 'digits', 'imagenet2012', 'tfds:<name>', 'folder:<path>' or a Source.
     data_dir: TFDS data directory.
     split: split to evaluate (None: the dataset's default evaluation split).
     global_batch_size: batch over all hosts and devices; must divide by

@@ -328,12 +328,13 @@ def prepare_tfds(name: str, data_dir: str | None, manual_dir: str | None = None)
   return builder
 
 
-def get_source(dataset: str, data_dir: str | None = None, *, manual_dir: str | None = None,
+def get_source(dataset, data_dir: str | None = None, *, manual_dir: str | None = None,
                prepare: bool = True) -> Source:
   """Returns the source for a dataset name (see the module docstring).
 
   Args:
-    dataset: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'.
+    dataset: 'digits', 'imagenet2012', 'tfds:<name>' or 'folder:<path>'; a `Source`
+      object (e.g. an `IndexSource` over your own in-memory arrays) is returned as is.
     data_dir: TFDS data directory (None: TFDS default). Unused for digits and folders.
     manual_dir: where the imagenet2012 manual download lies.
     prepare: build TFDS datasets that are not prepared yet (turn off on multi-host runs,
@@ -342,6 +343,8 @@ def get_source(dataset: str, data_dir: str | None = None, *, manual_dir: str | N
   Raises:
     ValueError: unknown dataset name.
   """
+  if not isinstance(dataset, str):
+    return dataset
   if dataset == "digits":
     return load_digits()
   if dataset.startswith("folder:"):
