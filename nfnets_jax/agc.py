@@ -366,6 +366,9 @@ def adaptive_grad_clip(
     from any optimizer state containing this transform with :func:`clipped_fraction` and
     :func:`per_param_clipped_fraction`, without recomputing any norm.
 
+    ``clipping`` and ``eps`` may be scheduled or changed at run time with
+    ``optax.inject_hyperparams(adaptive_grad_clip, static_args=('unit_axis',))``.
+
     Args:
       clipping: The maximum ratio ``||G_i|| / max(||W_i||, eps)`` (lambda in the paper; 0.01
         in the reference NFNet recipe at batch 4096).
@@ -378,17 +381,15 @@ def adaptive_grad_clip(
         of params giving an int or None per leaf. Default -1 (Haiku / Flax layouts).
       track_per_param: Also record the clipped fraction of each clipped leaf in the state.
 
-    ``clipping`` and ``eps`` may be scheduled or changed at run time with
-    ``optax.inject_hyperparams(adaptive_grad_clip, static_args=('unit_axis',))``.
-
     Returns:
       An ``optax.GradientTransformation`` whose state is an :class:`AdaptiveGradClipState`.
       ``update(updates, state, params)`` requires ``params`` with the structure of
       ``updates``. ``None`` update leaves (parameters without gradient) pass through.
 
     Raises:
-      ValueError: At update time if ``params`` is None, if the structures or shapes of
-        ``updates`` and ``params`` differ, or if the mask / unit axes do not fit the params.
+      ValueError: At ``init`` or ``update`` if the mask (including a path pattern that
+        matches nothing) or the unit axes do not fit the params; at ``update`` if ``params``
+        is None or the structures or shapes of ``updates`` and ``params`` differ.
 
     References:
       Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization",

@@ -440,6 +440,10 @@ def test_clipped_fraction_readable_from_any_chain():
         _, state = jax.jit(tx.update)(grads, state, params)
         np.testing.assert_allclose(float(agc.clipped_fraction(state)), expected_fraction,
                                    err_msg=name)
+    # Inside optax.masked with a partial mask, only the selected leaves are counted.
+    partial = optax.masked(agc.adaptive_grad_clip(0.01), {"a": False, "b": True})
+    _, state = partial.update(grads, partial.init(params), params)
+    np.testing.assert_allclose(float(agc.clipped_fraction(state)), 1 / 4)
     with pytest.raises(ValueError, match="No adaptive_grad_clip state"):
         agc.clipped_fraction(optax.sgd(0.1).init(params))
     two = optax.chain(agc.adaptive_grad_clip(0.01), agc.adaptive_grad_clip(0.02))
@@ -480,16 +484,18 @@ def test_missing_params_error():
 
 def test_mismatched_structure_errors():
     tx = agc.adaptive_grad_clip(0.01)
-    params = {"conv": {"w": np.ones((2, 2), np.float32)}, "linear": {"w": np.ones(2)}}
+    params = {"conv": {"w": np.ones((2, 2), np.float32)},
+              "linear": {"w": np.ones(2, np.float32)}}
     state = tx.init(params)
     with pytest.raises(ValueError,
                        match=r"different tree structures: only in params: \['linear/w'\]"):
         tx.update({"conv": {"w": np.ones((2, 2), np.float32)}}, state, params)
     with pytest.raises(ValueError, match=r"only in updates: \['conv/b'\]"):
-        tx.update({"conv": {"w": np.ones((2, 2)), "b": np.ones(2)}, "linear": {"w": np.ones(2)}},
-                  state, params)
+        tx.update({"conv": {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)},
+                   "linear": {"w": np.ones(2, np.float32)}}, state, params)
     with pytest.raises(ValueError, match=r"update for 'linear/w' has shape \(3,\)"):
-        tx.update({"conv": {"w": np.ones((2, 2))}, "linear": {"w": np.ones(3)}}, state, params)
+        tx.update({"conv": {"w": np.ones((2, 2), np.float32)},
+                   "linear": {"w": np.ones(3, np.float32)}}, state, params)
     bad_mask = agc.adaptive_grad_clip(0.01, mask={"conv": True})
     with pytest.raises(ValueError, match="mask tree does not match the params tree"):
         bad_mask.init(params)
