@@ -1,0 +1,144 @@
+"""Sources: imagenet2012 from a fake manual download, TFDS schemas, class folders."""
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from nfnets_jax.data import pipeline, sources
+
+# The real builder maps sorted validation file names to the first lines of its
+# validation_labels.txt, which start with these three synsets.
+SYNSETS = ("n01751748", "n09193705", "n02105855")
+SMALL = dict(global_batch_size=4, image_size=16, process_index=0, process_count=1,
+             local_device_count=2)
+
+
+def _jpeg(seed, size=(40, 30)):
+  array = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="JPEG")
+  return buf.getvalue()
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def _write_fake_imagenet(manual_dir, per_class=2):
+  """ILSVRC2012_img_train.tar of per-synset tars, and a flat ILSVRC2012_img_val.tar."""
+  os.makedirs(manual_dir, exist_ok=True)
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
+    for c, synset in enumerate(SYNSETS):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as tar:
+        for i in range(per_class):
+          _add(tar, f"{synset}_{i}.JPEG", _jpeg(10 * c + i))
+      _add(outer, f"{synset}.tar", inner.getvalue())
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as tar:
+    for i in range(len(SYNSETS)):
+      _add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(100 + i))
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  _write_fake_imagenet(os.path.join(data_dir, "downloads", "manual"))
+  return data_dir
+
+
+def test_imagenet2012_prepared_from_fake_manual_download(imagenet_dir):
+  info = pipeline.dataset_info("imagenet2012", imagenet_dir)
+  assert (info.num_classes, info.num_train, info.num_eval) == (1000, 6, 3)
+  assert info.eval_split == "validation"
+  names = tfds.builder("imagenet2012", data_dir=imagenet_dir).info.features["label"].names
+  expected = sorted(names.index(s) for s in SYNSETS)
+  augment = dict(random_crop=True, flip=True, mixup_alpha=0.2, cutmix=True)
+  batch = next(pipeline.train_iterator("imagenet2012", data_dir=imagenet_dir,
+                                       augment=augment, **SMALL))
+  assert batch["images"].shape == (2, 2, 16, 16, 3) and batch["labels"].shape == (2, 2, 1000)
+  np.testing.assert_allclose(batch["labels"].sum(-1), 1.0, atol=1e-6)
+  assert set(np.nonzero(batch["labels"].sum((0, 1)))[0]) <= set(expected)
+  seen = []
+  for p in range(2):  # two hosts share the validation split
+    for b in pipeline.eval_iterator("imagenet2012", data_dir=imagenet_dir, **dict(
+        SMALL, process_index=p, process_count=2, global_batch_size=4)):
+      seen.extend(b["labels"][b["mask"] == 1].tolist())
+  assert sorted(seen) == expected
+
+
+def test_imagenet2012_missing_download_says_what_to_place_where(tmp_path):
+  with pytest.raises(FileNotFoundError) as err:
+    pipeline.dataset_info("imagenet2012", str(tmp_path))
+  message = str(err.value)
+  manual = os.path.join(str(tmp_path), "downloads", "manual")
+  assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
+  assert manual in message
+
+
+@pytest.mark.parametrize("name", ["tfds:mnist", "tfds:imagenette"])
+def test_tfds_schema_through_the_pipeline(name, tmp_path):
+  # mnist: decoded 1-channel PNG arrays; imagenette: JPEG bytes decoded in the pipeline.
+  with tfds.testing.mock_data(num_examples=10):
+    info = pipeline.dataset_info(name, str(tmp_path))
+    assert (info.num_classes, info.num_train, info.num_eval) == (10, 10, 10)
+    batch = next(pipeline.train_iterator(name, data_dir=str(tmp_path), augment=dict(
+        mixup_alpha=0.2, cutmix=True), **SMALL))
+    assert batch["images"].shape == (2, 2, 16, 16, 3) and batch["labels"].shape == (2, 2, 10)
+    np.testing.assert_allclose(batch["labels"].sum(-1), 1.0, atol=1e-6)
+    evals = list(pipeline.eval_iterator(name, data_dir=str(tmp_path), **SMALL))
+    assert len(evals) == 3 and sum(b["mask"].sum() for b in evals) == 10
+
+
+def _write_folder(root, corrupt=None):
+  colours = {"blue": (0, 0, 255), "red": (255, 0, 0)}
+  for split, count in (("train", 3), ("val", 2)):
+    for name, colour in colours.items():
+      os.makedirs(os.path.join(root, split, name))
+      for i in range(count):
+        image = Image.new("RGB", (20 + i, 18), colour)
+        ext = "png" if i % 2 else "jpg"
+        image.save(os.path.join(root, split, name, f"{i}.{ext}"))
+  if corrupt:
+    with open(os.path.join(root, corrupt), "wb") as f:
+      f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+
+
+def test_folder_dataset_labels_follow_sorted_class_folders(tmp_path):
+  _write_folder(str(tmp_path))
+  name = f"folder:{tmp_path}"
+  info = pipeline.dataset_info(name)
+  assert (info.num_classes, info.num_train, info.num_eval, info.eval_split) == (2, 6, 4, "val")
+  batches = list(pipeline.eval_iterator(name, **SMALL))
+  images = np.concatenate([b["images"].reshape(-1, 16, 16, 3) for b in batches])
+  labels = np.concatenate([b["labels"].ravel() for b in batches])
+  blue_minus_red = images[..., 2].mean((1, 2)) - images[..., 0].mean((1, 2))
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1])  # 'blue' < 'red'
+  assert np.all((blue_minus_red > 0) == (labels == 0))
+  augment = dict(randaugment_layers=1, randaugment_magnitude=10, mixup_alpha=0.2)
+  train = next(pipeline.train_iterator(name, augment=augment, **SMALL))
+  assert train["images"].shape == (2, 2, 16, 16, 3)
+
+
+def test_folder_dataset_corrupt_image_error_names_the_file(tmp_path):
+  _write_folder(str(tmp_path), corrupt=os.path.join("val", "red", "broken.jpg"))
+  with pytest.raises(sources.UndecodableImageError, match=r"red/broken\.jpg"):
+    list(pipeline.eval_iterator(f"folder:{tmp_path}", **SMALL))
+  _write_folder(str(tmp_path / "t"), corrupt=os.path.join("train", "blue", "bad.jpg"))
+  with pytest.raises(sources.UndecodableImageError, match=r"blue/bad\.jpg"):
+    for _ in zip(range(20), pipeline.train_iterator(f"folder:{tmp_path / 't'}", **SMALL)):
+      pass
+
+
+def test_folder_dataset_layout_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="needs sub-folders train/ and val/"):
+    pipeline.dataset_info(f"folder:{tmp_path}")
+  _write_folder(str(tmp_path))
+  os.makedirs(tmp_path / "val" / "green")
+  with pytest.raises(ValueError, match="green.*does not exist in"):
+    pipeline.dataset_info(f"folder:{tmp_path}")
