@@ -104,6 +104,35 @@ def detect_variant(params: Mapping[str, Mapping[str, Any]]) -> str:
         "(a custom or width-multiplied model?); pass the model's arguments explicitly.")
 
 
+def model_kwargs(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`nfnet.NFNet` arguments that build a model with exactly this tree's parameters.
+
+    A known variant gives `variant` and `num_classes`; any other tree (a tiny or
+    width-multiplied model) also gets `depths`, `widths` and `group_width`, and non-default
+    squeeze-excite ratio, final conv width, single 3x3 conv or root name are carried over.
+    """
+    arch = describe(params)
+    first = block_name(arch.root, 0)
+    kwargs: dict[str, Any] = {"num_classes": arch.num_classes}
+    try:
+        kwargs["variant"] = detect_variant(params)
+    except CheckpointMismatchError:
+        group_width = int(np.shape(params[f"{first}/~/conv1"]["w"])[2])
+        kwargs.update(variant="F0", depths=arch.depths, widths=arch.widths,
+                      group_width=group_width)
+    se = params.get(f"{first}/~/squeeze_excite/~/linear")
+    se_ratio = 0.0 if se is None else int(np.shape(se["w"])[1]) / arch.widths[0]
+    if se_ratio != 0.5:
+        kwargs["se_ratio"] = se_ratio
+    if arch.final_conv_ch != 2 * arch.widths[-1]:
+        kwargs["final_conv_ch"] = arch.final_conv_ch
+    if f"{first}/~/conv1b" not in params:
+        kwargs["use_two_convs"] = False
+    if arch.root != "NFNet":
+        kwargs["name"] = arch.root
+    return kwargs
+
+
 @dataclasses.dataclass(frozen=True)
 class TreeDiff:
     """Differences between a parameter tree and the expected one, by "module/param" path."""
