@@ -71,7 +71,7 @@ def init_params(variant: str = "F0", num_classes: int = 1000, image_size: int = 
 
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     params = hk.transform(forward).init(jax.random.PRNGKey(seed), images)
-    return jax.tree.map(np.asarray, params)
+    return jax.tree.map(np.array, params)  # Writable host copies.
 
 
 def _batch_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
