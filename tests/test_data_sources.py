@@ -52,6 +52,7 @@ def imagenet_dir(tmp_path_factory):
   return data_dir
 
 
+@pytest.mark.slow
 def test_imagenet2012_prepared_from_fake_manual_download(imagenet_dir):
   info = pipeline.dataset_info("imagenet2012", imagenet_dir)
   assert (info.num_classes, info.num_train, info.num_eval) == (1000, 6, 3)
@@ -64,6 +65,16 @@ def test_imagenet2012_prepared_from_fake_manual_download(imagenet_dir):
   assert batch["images"].shape == (2, 2, 16, 16, 3) and batch["labels"].shape == (2, 2, 1000)
   np.testing.assert_allclose(batch["labels"].sum(-1), 1.0, atol=1e-6)
   assert set(np.nonzero(batch["labels"].sum((0, 1)))[0]) <= set(expected)
+  # Without mixing a batch of 6 is one epoch: every example once, a new order each epoch.
+  plain = dict(SMALL, global_batch_size=6, augment=None)
+  stream = pipeline.train_iterator("imagenet2012", data_dir=imagenet_dir, **plain)
+  epochs = [next(stream) for _ in range(3)]
+  for b in epochs:
+    counts = b["labels"].reshape(6, 1000).sum(0)
+    assert sorted(np.nonzero(counts)[0]) == expected and set(counts[expected]) == {2}
+  resumed = next(pipeline.train_iterator("imagenet2012", data_dir=imagenet_dir,
+                                         start_step=2, **plain))
+  np.testing.assert_array_equal(resumed["images"], epochs[2]["images"])
   seen = []
   for p in range(2):  # two hosts share the validation split
     for b in pipeline.eval_iterator("imagenet2012", data_dir=imagenet_dir, **dict(

@@ -16,9 +16,10 @@ Host shards are contiguous, disjoint slices of the split (`sharding.host_range`)
 
 Train streams are infinite and deterministic given (seed, process_index): epoch `e` of a
 host is its shard in an order seeded by (seed, process_index, e). In-memory and folder
-sources use an exact stateless permutation of the shard; TFDS sources read the shard in
-file order through a seeded shuffle buffer (TFDS already shuffles examples when it writes
-its files). A stream can start at any epoch.
+sources use an exact stateless permutation of the shard; TFDS sources split the shard into
+contiguous chunks, merge them in a seeded random order and pass the result through a
+seeded shuffle buffer (TFDS also shuffles examples when it writes its files). A stream can
+start at any epoch.
 """
 import dataclasses
 import os
@@ -32,6 +33,7 @@ DIGITS_NUM_TEST = 360
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 TFDS_SHUFFLE_BUFFER = 16384
+TFDS_CHUNKS = 32
 
 
 class UndecodableImageError(ValueError):
@@ -228,6 +230,7 @@ class TfdsSource:
   train_split: str = "train"
   eval_margin: int = 32
   shuffle_buffer: int = TFDS_SHUFFLE_BUFFER
+  num_chunks: int = TFDS_CHUNKS
 
   def __post_init__(self):
     info = self.builder.info
@@ -278,14 +281,28 @@ class TfdsSource:
   def train_records(self, process_index: int, process_count: int, seed: int,
                     start_epoch: int):
     tf = tf_runtime.import_tf()
-    shard = self.records(self.train_split, process_index, process_count)
+    start, end = sharding.host_range(self.num_examples(self.train_split), process_index,
+                                     process_count)
+    # The shard is read as `num_chunks` contiguous pieces, merged in a seeded random
+    # order each epoch, then through a seeded shuffle buffer: every epoch gets a new order
+    # with sequential file reads.
+    num_chunks = max(1, min(self.num_chunks, end - start))
+    bounds = [start + (end - start) * i // num_chunks for i in range(num_chunks + 1)]
+    chunks = [self._as_dataset(f"{self.train_split}[{a}:{b}]")
+              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    chunk_ids = tf.constant(np.repeat(np.arange(num_chunks, dtype=np.int64),
+                                      np.diff(bounds)))
     base = _seed_tensor(seed, process_index, 0)
 
     def epoch(e):
-      epoch_seed = tf.random.experimental.stateless_fold_in(base, e)
-      shuffle_seed = tf.bitwise.bitwise_and(epoch_seed[0], (1 << 62) - 1)
-      return shard.shuffle(self.shuffle_buffer, seed=shuffle_seed,
-                           reshuffle_each_iteration=False)
+      order_seed, shuffle_seed = tf.unstack(tf.random.experimental.stateless_split(
+          tf.random.experimental.stateless_fold_in(base, e), 2))
+      choice = tf.random.experimental.stateless_shuffle(chunk_ids, seed=order_seed)
+      merged = tf.data.Dataset.choose_from_datasets(
+          chunks, tf.data.Dataset.from_tensor_slices(choice))
+      return merged.shuffle(self.shuffle_buffer,
+                            seed=tf.bitwise.bitwise_and(shuffle_seed[0], (1 << 62) - 1),
+                            reshuffle_each_iteration=False)
 
     return tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
 
