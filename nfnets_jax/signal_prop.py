@@ -82,6 +82,8 @@ def plot(stats: dict[str, np.ndarray], path: str, title: str = "") -> None:
             ax.plot(blocks, stats["expected_var"], "k--", label="expected (beta/alpha)")
         if key == "res_var":
             ax.axhline(1.0, color="k", linestyle="--", label="expected (1)")
+        if key != "avg_sq_mean":
+            ax.set_yscale("log")
         ax.set_xlabel("block")
         ax.set_title(label)
         ax.grid(alpha=0.3)
