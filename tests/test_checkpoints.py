@@ -243,3 +243,17 @@ def test_validate_reports_mis_shaped_and_missing(tiny_params):
         tree.validate(bad, "F0", **TINY)
     tree.validate(tiny_params, "F0", **TINY)
     assert not tree.compare_trees(tiny_params, jax.tree.map(np.shape, tiny_params))
+
+
+def test_command_line_info_and_to_npz(tmp_path, tiny_params, capsys):
+    from nfnets_jax.checkpoints import __main__ as cli
+
+    src = tmp_path / "tiny_haiku.npz"
+    src.write_bytes(dill.dumps(tiny_params))
+    cli.main(["info", str(src)])
+    out = capsys.readouterr().out
+    assert "format: pickle" in out and "depths [1, 1, 1, 1]" in out and "10 classes" in out
+    cli.main(["to-npz", str(src), str(tmp_path / "out.npz")])
+    assert_trees_equal(released.load_npz(str(tmp_path / "out.npz")), tiny_params)
+    cli.main(["list"])
+    assert "0a41039da1cb43adf47f1b7d86ddfe0f" in capsys.readouterr().out

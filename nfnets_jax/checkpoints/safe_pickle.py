@@ -130,6 +130,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("numpy", "dtype"): _safe_dtype,
         ("haiku._src.data_structures", "FlatMapping"): _flat_mapping,
         ("haiku.data_structures", "FlatMapping"): _flat_mapping,
+        # Older Haiku (2020) had a frozendict; loaded as a dict when pickled as frozendict(dict).
+        ("haiku._src.data_structures", "frozendict"): _flat_mapping,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("_codecs", "encode"): _codecs_encode,
         ("dill._dill", "_create_array"): _safe_create_array,
