@@ -1,5 +1,7 @@
 """Train/eval iterators: layout, multi-host coverage, determinism and resumption."""
 import itertools
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -133,3 +135,33 @@ def test_prefetch_to_device_feeds_pmap():
     assert len(batch["images"].sharding.device_set) == n
     total += float(count(batch)[0])
   assert total == 20
+
+
+def test_digits_train_and_eval_preprocessing_agree():
+  """A linear classifier fit on train batches scores well on eval batches."""
+  from sklearn import linear_model
+
+  def features(images):  # first channel, 2x2 average-pooled: [N, 16 * 16]
+    x = images.reshape(-1, 32, 32, 3)[..., 0].astype(np.float32)
+    return x.reshape(-1, 16, 2, 16, 2).mean((2, 4)).reshape(len(x), -1)
+
+  train = pipeline.train_iterator("digits", global_batch_size=479, image_size=32,
+                                  augment=pipeline.DIGITS, process_index=0,
+                                  process_count=1, local_device_count=1)
+  batches = list(itertools.islice(train, 3))  # 3 * 479 = 1437: one epoch
+  x = np.concatenate([features(b["images"]) for b in batches])
+  y = np.concatenate([b["labels"].reshape(-1, 10).argmax(-1) for b in batches])
+  evals = list(pipeline.eval_iterator("digits", global_batch_size=128, image_size=32,
+                                      process_index=0, process_count=1,
+                                      local_device_count=1))
+  x_eval = np.concatenate([features(b["images"]) for b in evals])
+  y_eval = np.concatenate([b["labels"].ravel() for b in evals])
+  mask = np.concatenate([b["mask"].ravel() for b in evals]) == 1
+  model = linear_model.LogisticRegression(max_iter=300).fit(x, y)
+  assert model.score(x_eval[mask], y_eval[mask]) > 0.9
+
+
+def test_importing_the_pipeline_does_not_import_tensorflow():
+  code = ("import sys; import nfnets_jax.data.pipeline, nfnets_jax.data.device; "
+          "assert 'tensorflow' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
