@@ -257,3 +257,10 @@ def test_command_line_info_and_to_npz(tmp_path, tiny_params, capsys):
     assert_trees_equal(released.load_npz(str(tmp_path / "out.npz")), tiny_params)
     cli.main(["list"])
     assert "0a41039da1cb43adf47f1b7d86ddfe0f" in capsys.readouterr().out
+
+
+def test_deeply_nested_pickle_is_a_format_error():
+    # 50k nested dicts: {'a': {'a': ...}} built directly from opcodes.
+    data = b"\x80\x04" + b"}\x8c\x01a" * 50000 + b"}" + b"s" * 50000 + b"."
+    with pytest.raises(errors.CheckpointFormatError, match="too deeply"):
+        safe_pickle.loads(data)

@@ -9,6 +9,7 @@ loadable with `allow_pickle=False`: the recommended format for later use.
 released pickle, `.npz`, timm `.pth`).
 """
 import os
+import sys
 import zipfile
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -135,12 +136,12 @@ def sniff_format(path: str) -> str:
     return "unknown"
 
 
-def load_params(checkpoint: str, progress: TextIO | None = None) -> Params:
+def load_params(checkpoint: str, progress: TextIO | None = sys.stderr) -> Params:
     """Loads parameters from a zoo name, a released pickle, an `.npz` or a timm `.pth`.
 
     Args:
       checkpoint: a zoo name ("F0".."F6") or a local path.
-      progress: stream for a download progress bar (zoo names only); None for silence.
+      progress: stream for a zoo download's progress bar; None for silence.
 
     Returns:
       A two-level dict of numpy arrays in this project's layout.

@@ -215,12 +215,15 @@ def load(f: BinaryIO, name: str = "<stream>") -> Any:
     except UnsafeCheckpointError:
         raise
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
-            KeyError, AttributeError, MemoryError) as e:
+            KeyError, AttributeError, MemoryError, RecursionError) as e:
         raise CheckpointFormatError(f"{name} is truncated or corrupt: unpickling failed with "
                                     f"{type(e).__name__}: {e}") from e
     if f.read(1):
         raise CheckpointFormatError(f"{name} has trailing bytes after the end of the pickle.")
-    return _to_plain(tree)
+    try:
+        return _to_plain(tree)
+    except RecursionError as e:
+        raise CheckpointFormatError(f"{name} nests mappings too deeply for a checkpoint.") from e
 
 
 def loads(data: bytes, name: str = "<bytes>") -> Any:
