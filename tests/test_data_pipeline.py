@@ -138,12 +138,10 @@ def test_prefetch_to_device_feeds_pmap():
 
 
 def test_digits_train_and_eval_preprocessing_agree():
-  """A linear classifier fit on train batches scores well on eval batches."""
-  from sklearn import linear_model
-
-  def features(images):  # first channel, 2x2 average-pooled: [N, 16 * 16]
+  """1-nearest-neighbour over train batches classifies eval batches well."""
+  def features(images):  # first channel, 4x4 average-pooled: [N, 8 * 8]
     x = images.reshape(-1, 32, 32, 3)[..., 0].astype(np.float32)
-    return x.reshape(-1, 16, 2, 16, 2).mean((2, 4)).reshape(len(x), -1)
+    return x.reshape(-1, 8, 4, 8, 4).mean((2, 4)).reshape(len(x), -1)
 
   train = pipeline.train_iterator("digits", global_batch_size=479, image_size=32,
                                   augment=pipeline.DIGITS, process_index=0,
@@ -157,8 +155,9 @@ def test_digits_train_and_eval_preprocessing_agree():
   x_eval = np.concatenate([features(b["images"]) for b in evals])
   y_eval = np.concatenate([b["labels"].ravel() for b in evals])
   mask = np.concatenate([b["mask"].ravel() for b in evals]) == 1
-  model = linear_model.LogisticRegression(max_iter=300).fit(x, y)
-  assert model.score(x_eval[mask], y_eval[mask]) > 0.9
+  x_eval, y_eval = x_eval[mask], y_eval[mask]
+  distances = ((x_eval[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+  assert np.mean(y[distances.argmin(1)] == y_eval) > 0.95
 
 
 def test_importing_the_pipeline_does_not_import_tensorflow():
