@@ -21,7 +21,7 @@ def tiny_params():
     params = evaluation.init_params("F0", num_classes=NUM_CLASSES, seed=3, **TINY)
     # Non-zero skip gains and a larger classifier so every part of the net matters.
     rng = np.random.default_rng(0)
-    for module, group in params.items():
+    for group in params.values():
         if "skip_gain" in group:
             group["skip_gain"] = np.float32(rng.uniform(0.5, 1.0)).reshape(())
     params["NFNet/~/linear"]["w"] = rng.normal(size=params["NFNet/~/linear"]["w"].shape
