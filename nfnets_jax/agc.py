@@ -320,8 +320,8 @@ def unitwise_norm(x: jax.Array, unit_axis: int | None = DEFAULT_UNIT_AXIS) -> ja
 
 
 def _clip_leaf(g: jax.Array, w: jax.Array, clipping: Any, eps: Any,
-               axes: tuple[int, ...] | None) -> tuple[jax.Array, jax.Array, int]:
-    """Clips one leaf; returns (clipped gradient, number of units rescaled, number of units)."""
+               axes: tuple[int, ...] | None) -> tuple[jax.Array, jax.Array]:
+    """Clips one leaf; returns (clipped gradient, per-unit bool "was rescaled")."""
     g32 = g.astype(jnp.float32)
     w32 = jnp.asarray(w).astype(jnp.float32)
     g_norm = jnp.sqrt(jnp.sum(g32 * g32, axis=axes, keepdims=True))
@@ -333,7 +333,7 @@ def _clip_leaf(g: jax.Array, w: jax.Array, clipping: Any, eps: Any,
     clipped = (g32 * scale).astype(g.dtype)
     # Units under the bound keep their original bits.
     out = jnp.where(trigger, clipped, g)
-    return out, jnp.sum(trigger, dtype=jnp.int32), int(trigger.size)
+    return out, trigger
 
 
 def adaptive_grad_clip(
@@ -441,8 +441,7 @@ def adaptive_grad_clip(
         axes = _per_leaf(unit_axis, params, "unit_axis")
 
         new_grads = []
-        num_clipped = jnp.zeros([], jnp.int32)
-        num_units = 0
+        triggers = []
         per_param = {}
         for path, g, w, do_clip, axis in zip(paths, grads, weights, clip, axes, strict=True):
             if g is None or not do_clip:
@@ -456,14 +455,20 @@ def adaptive_grad_clip(
                     f"{getattr(g, 'shape', type(g).__name__)} but the parameter has shape "
                     f"{jnp.shape(w)}")
             red = _reduction_axes(tuple(g.shape), axis, path)
-            new_g, n_clipped, n_units = _clip_leaf(g, w, clipping, eps, red)
+            new_g, trigger = _clip_leaf(g, w, clipping, eps, red)
             new_grads.append(new_g)
-            num_clipped = num_clipped + n_clipped
-            num_units += n_units
+            triggers.append(trigger.reshape(-1))
             if track_per_param:
-                per_param[path] = n_clipped.astype(jnp.float32) / n_units
+                per_param[path] = jnp.mean(trigger, dtype=jnp.float32)
 
-        fraction = num_clipped.astype(jnp.float32) / max(num_units, 1)
+        # One reduction over all units (rather than one per leaf) keeps compile time low.
+        if triggers:
+            all_units = jnp.concatenate(triggers)
+            num_clipped = jnp.sum(all_units, dtype=jnp.int32)
+            fraction = num_clipped.astype(jnp.float32) / all_units.size
+        else:
+            num_clipped = jnp.zeros([], jnp.int32)
+            fraction = jnp.zeros([], jnp.float32)
         new_state = AdaptiveGradClipState(
             clipped_fraction=fraction, num_clipped=num_clipped,
             per_param_clipped_fraction=per_param)
