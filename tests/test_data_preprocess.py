@@ -91,6 +91,19 @@ def test_jpeg_is_decoded_straight_into_the_crop_window():
   assert 0 <= float(tf.reduce_min(image)) and float(tf.reduce_max(image)) <= 255
 
 
+def test_png_bytes_and_arrays_get_the_same_random_crop():
+  array = np.random.RandomState(2).randint(0, 256, (30, 50, 3)).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG")
+  for s in range(5):
+    seed = tf.constant([s, 9])
+    from_png = preprocess.train_image(tf.constant(buf.getvalue()), 12, seed,
+                                      random_crop=True, flip=True)
+    from_array = preprocess.train_image(tf.constant(array), 12, seed, random_crop=True,
+                                        flip=True)
+    np.testing.assert_array_equal(from_png.numpy(), from_array.numpy())
+
+
 def test_flip_mirrors_the_image():
   image = tf.constant(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
   outs = {preprocess.train_image(image, 4, tf.constant([s, 0]), random_crop=False,

@@ -43,16 +43,6 @@ def _decode_whole(image):
   return tf.ensure_shape(decoded, [None, None, 3])
 
 
-def image_shape(image):
-  """[height, width] of an encoded or decoded image without decoding JPEG pixels."""
-  tf = tf_runtime.import_tf()
-  if not _is_encoded(image):
-    return tf.shape(image)[:2]
-  return tf.cond(tf.io.is_jpeg(image),
-                 lambda: tf.image.extract_jpeg_shape(image)[:2],
-                 lambda: tf.shape(_decode_whole(image))[:2])
-
-
 def sample_crop_window(shape, seed):
   """Samples an inception-style crop window.
 
@@ -97,6 +87,29 @@ def decode_and_crop(image, window):
   return tf.ensure_shape(cropped, [None, None, 3])
 
 
+def decode_and_random_crop(image, seed):
+  """Decodes an inception-style random crop of an image (each image decoded once).
+
+  JPEG bytes: the window is sampled from the header's shape and only that window is
+  decoded. Other encodings are decoded whole, then cropped. Arrays are sliced.
+  """
+  tf = tf_runtime.import_tf()
+  if not _is_encoded(image):
+    return decode_and_crop(image, sample_crop_window(tf.shape(image)[:2], seed))
+
+  def crop_jpeg():
+    window = sample_crop_window(tf.image.extract_jpeg_shape(image)[:2], seed)
+    return tf.image.decode_and_crop_jpeg(image, window, channels=3)
+
+  def crop_other():
+    decoded = _decode_whole(image)
+    window = sample_crop_window(tf.shape(decoded)[:2], seed)
+    return tf.image.crop_to_bounding_box(decoded, *tf.unstack(window))
+
+  cropped = tf.cond(tf.io.is_jpeg(image), crop_jpeg, crop_other)
+  return tf.ensure_shape(cropped, [None, None, 3])
+
+
 def decode(image):
   """Decodes a whole image (bytes or array) to uint8 RGB [H, W, 3]."""
   if _is_encoded(image):
@@ -128,7 +141,7 @@ def train_image(image, size: int, seed, *, random_crop: bool, flip: bool):
   tf = tf_runtime.import_tf()
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   if random_crop:
-    image = decode_and_crop(image, sample_crop_window(image_shape(image), crop_seed))
+    image = decode_and_random_crop(image, crop_seed)
   else:
     image = decode(image)
   if flip:
