@@ -165,12 +165,15 @@ def _raise_undecodable(source, split: str, indices_of_batch, error):
 
 def train_iterator(dataset: str | sources.Source, *, data_dir: str | None = None,
                    global_batch_size: int, image_size: int, dtype="float32", augment=None,
-                   seed: int = 0,
-                   start_step: int = 0, process_index: int | None = None,
+                   seed: int = 0, start_step: int = 0, process_index: int | None = None,
                    process_count: int | None = None, local_device_count: int | None = None,
                    num_threads: int | None = None, manual_dir: str | None = None,
                    prefetch: int = 2) -> Iterator[dict]:
   """Infinite, deterministic, resumable training batches for this host.
+
+  With MixUp/CutMix each step reads a doubled batch (2 examples per delivered image).
+  Resuming with `start_step` reproduces the uninterrupted stream as long as the dataset,
+  seed, batch size, topology and augment config are unchanged.
 
   Args:
     dataset: 'digits', 'imagenet2012', 'tfds:<name>', 'folder:<path>' or a Source.
@@ -207,9 +210,9 @@ def train_iterator(dataset: str | sources.Source, *, data_dir: str | None = None
   epoch_size = source.host_num_examples(split, process_index, process_count)
   start_epoch, offset = sharding.resume_position(start_step, per_step, epoch_size)
 
-  example_seed = sources._seed_tensor(seed, process_index, 1)
-  mix_seed = sources._seed_tensor(seed, process_index, 2)
-  randaug_seed = sources._seed_tensor(seed, process_index, 3)
+  example_seed = sources.stream_seed(seed, process_index, 1)
+  mix_seed = sources.stream_seed(seed, process_index, 2)
+  randaug_seed = sources.stream_seed(seed, process_index, 3)
   num_classes = source.num_classes
 
   def example_fn(position, record):

@@ -40,7 +40,8 @@ class UndecodableImageError(ValueError):
   """An image file of a folder dataset could not be decoded."""
 
 
-def _seed_tensor(seed: int, process_index: int, stream: int):
+def stream_seed(seed: int, process_index: int, stream: int):
+  """Stateless [2] seed for one random stream (orders, crops, mixing...) of one host."""
   tf = tf_runtime.import_tf()
   base = tf.constant([seed, process_index], tf.int64)
   return tf.random.experimental.stateless_fold_in(base, stream)
@@ -130,7 +131,7 @@ class IndexSource:
     tf = tf_runtime.import_tf()
     indices = tf.constant(sharding.host_indices(
         self.num_examples(self.train_split), process_index, process_count))
-    base = _seed_tensor(seed, process_index, 0)
+    base = stream_seed(seed, process_index, 0)
 
     def epoch(e):
       order = tf.random.experimental.stateless_shuffle(
@@ -292,7 +293,7 @@ class TfdsSource:
               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     chunk_ids = tf.constant(np.repeat(np.arange(num_chunks, dtype=np.int64),
                                       np.diff(bounds)))
-    base = _seed_tensor(seed, process_index, 0)
+    base = stream_seed(seed, process_index, 0)
 
     def epoch(e):
       order_seed, shuffle_seed = tf.unstack(tf.random.experimental.stateless_split(
