@@ -147,7 +147,7 @@ def _load_script(name):
 
 def run_script(name, argv):
     """Runs scripts/<name>.py's main in-process, then removes its absl flags again."""
-    before = set(flags.FLAGS)
+    before, was_parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
     module = _load_script(name)
     try:
         flags.FLAGS(argv)
@@ -155,7 +155,8 @@ def run_script(name, argv):
     finally:
         for flag in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, flag)
-        flags.FLAGS.unparse_flags()
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()
 
 
 def test_evaluate_script(tmp_path, tiny_params, capsys):

@@ -68,7 +68,7 @@ def test_predict_script(imagenet_tiny, capsys):
     path = os.path.join(os.path.dirname(__file__), "..", "scripts", "predict.py")
     spec = importlib.util.spec_from_file_location("_script_predict", path)
     module = importlib.util.module_from_spec(spec)
-    before = set(flags.FLAGS)
+    before, was_parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
     spec.loader.exec_module(module)
     try:
         flags.FLAGS(["predict.py", f"--checkpoint={npz}", "--resolution=32", "--top_k=3"])
@@ -76,7 +76,8 @@ def test_predict_script(imagenet_tiny, capsys):
     finally:
         for flag in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, flag)
-        flags.FLAGS.unparse_flags()
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == paths[0] and lines[4] == paths[1]
     assert "goldfish, Carassius auratus  [1]" in lines[1] and lines[1].strip().startswith("1.")
