@@ -264,3 +264,35 @@ def test_deeply_nested_pickle_is_a_format_error():
     data = b"\x80\x04" + b"}\x8c\x01a" * 50000 + b"}" + b"s" * 50000 + b"."
     with pytest.raises(errors.CheckpointFormatError, match="too deeply"):
         safe_pickle.loads(data)
+
+
+def test_2021_jax_device_array_pickles_load_as_numpy():
+    # jax (2021) pickled DeviceArrays as reconstruct_device_array(<ndarray reduce parts>).
+    name = "jax.interpreters.xla"
+    fake = types.ModuleType(name)
+
+    def reconstruct_device_array(fun, args, arr_state, aval_state):
+        raise AssertionError("the loader must not call jax")
+
+    reconstruct_device_array.__module__ = name
+    reconstruct_device_array.__qualname__ = "reconstruct_device_array"
+    fake.reconstruct_device_array = reconstruct_device_array
+
+    class DeviceArray:
+        def __init__(self, value):
+            self.value = value
+
+        def __reduce__(self):
+            fun, args, state = self.value.__reduce__()
+            return reconstruct_device_array, (fun, args, state, {"weak_type": False})
+
+    value = np.arange(12, dtype=np.float32).reshape(3, 4)
+    saved = sys.modules.get(name)
+    sys.modules[name] = fake
+    try:
+        data = pickle.dumps({"NFNet/~/linear": {"w": DeviceArray(value)}})
+    finally:
+        sys.modules[name] = saved
+    assert b"reconstruct_device_array" in data
+    out = safe_pickle.loads(data)
+    np.testing.assert_array_equal(out["NFNet/~/linear"]["w"], value)
