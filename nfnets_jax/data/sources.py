@@ -247,12 +247,17 @@ class TfdsSource:
     splits = self.builder.info.splits
     return "validation" if "validation" in splits or "test" not in splits else "test"
 
-  def _as_dataset(self, split: str):
+  def _as_dataset(self, split: str, files_in_parallel: int | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     decoders = {self.image_key: tfds.decode.SkipDecoding()} if self.encoded_jpeg else None
+    read_config = tfds.ReadConfig(add_tfds_id=False)
+    if files_in_parallel:
+      read_config = tfds.ReadConfig(add_tfds_id=False,
+                                    interleave_cycle_length=files_in_parallel)
+    # shuffle_files=False keeps TFDS's file interleave deterministic.
     ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
-                                 read_config=tfds.ReadConfig(add_tfds_id=False))
+                                 read_config=read_config)
     return ds.map(lambda ex: {"image": ex[self.image_key],
                               "label": tf_runtime.import_tf().cast(ex[self.label_key],
                                                                    "int64")})
@@ -289,7 +294,7 @@ class TfdsSource:
     # with sequential file reads.
     num_chunks = max(1, min(self.num_chunks, end - start))
     bounds = [start + (end - start) * i // num_chunks for i in range(num_chunks + 1)]
-    chunks = [self._as_dataset(f"{self.train_split}[{a}:{b}]")
+    chunks = [self._as_dataset(f"{self.train_split}[{a}:{b}]", files_in_parallel=4)
               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     chunk_ids = tf.constant(np.repeat(np.arange(num_chunks, dtype=np.int64),
                                       np.diff(bounds)))
