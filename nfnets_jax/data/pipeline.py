@@ -113,7 +113,8 @@ def _topology(process_index, process_count, local_device_count):
 
 
 def dataset_info(dataset: str | sources.Source, data_dir: str | None = None, *,
-                 eval_split: str | None = None, manual_dir: str | None = None) -> DatasetInfo:
+                 eval_split: str | None = None, manual_dir: str | None = None,
+                 prepare: bool | None = None) -> DatasetInfo:
   """Class count and split sizes of a dataset.
 
   Args:
@@ -121,11 +122,15 @@ def dataset_info(dataset: str | sources.Source, data_dir: str | None = None, *,
     data_dir: TFDS data directory.
     eval_split: evaluation split (None: the dataset's default, e.g. 'validation').
     manual_dir: imagenet2012 manual download directory.
+    prepare: build a TFDS dataset that is not prepared yet (None: only when this is the
+      only JAX process, so hosts of a multi-host run never race to prepare).
 
   Returns:
     A `DatasetInfo`.
   """
-  source = sources.get_source(dataset, data_dir, manual_dir=manual_dir)
+  if prepare is None:
+    prepare = _topology(0, None, 1)[1] == 1
+  source = sources.get_source(dataset, data_dir, manual_dir=manual_dir, prepare=prepare)
   split = eval_split or source.default_eval_split
   return DatasetInfo(source.num_classes, source.num_examples(source.train_split),
                      source.num_examples(split), split, source.eval_margin)
