@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -32,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from nfnets_jax import checkpointing, nfnet, optim, parallel
+from nfnets_jax import agc, checkpointing, nfnet, optim, parallel
 from nfnets_jax import metrics as metrics_lib
 
 LR_BASE_BATCH_SIZE = 256
@@ -114,11 +115,11 @@ def make_plan(config: ml_collections.ConfigDict, num_classes: int,
     if config.num_train_steps > 0:
         total_steps = int(config.num_train_steps)
     else:
-        total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
+        total_steps = int(config.num_epochs * steps_per_epoch)
     if total_steps <= 0:
         raise ValueError(f"The run has no steps (num_epochs={config.num_epochs}, "
                          f"num_train_steps={config.num_train_steps}).")
-    warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
     defaults = variant_defaults(config)
     augment = config.augment
     return Plan(
@@ -145,6 +146,12 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
     return kwargs
+
+
+def classifier_weight_path(config: ml_collections.ConfigDict) -> str:
+    """Path of the classifier weight, the one parameter AGC leaves unclipped."""
+    root = {"NFNet": "NFNet", "NFResNet": "NF_ResNet"}[config.model_name]
+    return f"{root}/~/linear/w"
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> hk.Transformed:
@@ -179,7 +186,8 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: Plan) -> optax.Gradi
     """
     base = optim.make_optimizer(
         learning_rate=make_schedule(plan), clipping=config.clipping or None,
-        weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov)
+        weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov,
+        agc_mask=agc.exclude_paths(re.escape(classifier_weight_path(config))))
     if not config.sam.enabled:
         return base
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam.rho))
@@ -210,7 +218,9 @@ def create_train_state(model: hk.Transformed, optimizer: optax.GradientTransform
     """
     init_key, train_key = jax.random.split(jax.random.key(seed))
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    params = jax.jit(model.init, static_argnums=2)(init_key, dummy, True)
+    # Inference mode: the parameters are the same, and the init program does not depend on
+    # dropout / stochastic depth rates (one compilation serves configs differing only there).
+    params = jax.jit(model.init, static_argnums=2)(init_key, dummy, False)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
         opt_state=jax.jit(optimizer.init)(params), rng=jax.random.key_data(train_key))
@@ -371,8 +381,12 @@ def input_dtype(config: ml_collections.ConfigDict) -> str:
 
 def make_train_iterator(config: ml_collections.ConfigDict, plan: Plan, start_step: int,
                         process_index: int | None = None, process_count: int | None = None,
+                        local_device_count: int | None = None,
                         ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's shard of the training batches, from `start_step` on."""
+    """This process's shard of the training batches, from `start_step` on.
+
+    The layout arguments default to this process's; pass them to see another process's data.
+    """
     from nfnets_jax.data import pipeline
     return pipeline.train_iterator(
         config.dataset, data_dir=data_dir(config), global_batch_size=config.batch_size,
@@ -380,7 +394,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, plan: Plan, start_ste
         augment=augment_options(config, plan), seed=config.seed, start_step=start_step,
         process_index=jax.process_index() if process_index is None else process_index,
         process_count=jax.process_count() if process_count is None else process_count,
-        local_device_count=jax.local_device_count())
+        local_device_count=(jax.local_device_count() if local_device_count is None
+                            else local_device_count))
 
 
 def make_eval_iterator(config: ml_collections.ConfigDict, plan: Plan,
@@ -475,8 +490,8 @@ def load_pretrained(path: str, fresh_params: hk.Params) -> hk.Params:
     Raises:
       ValueError: if a non-classifier parameter is missing or has another shape.
     """
-    from nfnets_jax import checkpoints
-    loaded = checkpoints.load_params(path)
+    from nfnets_jax.checkpoints import released  # Only fine-tuning needs it.
+    loaded = released.load_params(path)
     params = {}
     for module, values in fresh_params.items():
         params[module] = {}
@@ -614,6 +629,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     finally:
         writer.close()
         checkpointer.close()
+    identical = parallel.replicas_identical(state)
+    if not identical:
+        logging.error("Replicas diverged: the local copies of the training state differ.")
     results.update(step=step, train=log["train"], preempted=log["preempted"],
+                   replicas_identical=identical,
                    state=jax.device_get(parallel.unreplicate(state)))
     return results

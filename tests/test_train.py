@@ -1,0 +1,267 @@
+"""End-to-end trainer tests on 8 fake CPU devices with the tiny digits config (configs/tiny.py).
+
+Compilations are the cost on a 2-core CPU, so the runs share one module-scoped baseline run
+(4 steps, checkpoints at 2 and 4) and reuse its compiled step through the persistent cache.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from nfnets_jax import checkpointing, configlib, parallel, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def tiny_config(**overrides):
+    config = configlib.load_config_file(TINY)
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    config.lock()
+    return config
+
+
+def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+    paths_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    leaves_b = jax.tree.leaves(b)
+    assert len(paths_a) == len(leaves_b)
+    for (path, x), y in zip(paths_a, leaves_b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def subprocess_env(device_count):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return env
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("baseline"))
+    return workdir, train.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_trains_with_finite_loss_and_identical_replicas(baseline):
+    workdir, results = baseline
+    assert results["step"] == 4 and not results["preempted"]
+    assert np.isfinite(results["train"]["loss"])
+    assert results["replicas_identical"]
+    # The whole test split counts once (360 digits), for raw and EMA weights.
+    for split in ("eval", "eval_ema"):
+        assert results[split]["count"] == 360
+        assert 0.0 <= results[split]["top1"] <= results[split]["top5"] <= 1.0
+    state = results["state"]
+    assert int(state.step) == 4
+    w = state.params["NFNet/~/linear"]["w"]
+    assert not np.array_equal(w, state.ema_params["NFNet/~/linear"]["w"])
+    assert checkpointing.Checkpointer(workdir).all_steps() == [2, 4]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert {"loss", "grad_norm", "param_norm", "update_norm", "agc_clipped_fraction",
+            "learning_rate"} <= set(train_records[-1])
+    assert {r["split"] for r in records} == {"train", "eval", "eval_ema"}
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_per_device_rngs_differ_and_ema_follows_formula():
+    keys = parallel.pmap(lambda k: jax.random.fold_in(
+        jax.random.wrap_key_data(k), parallel.device_index()))
+    raw = parallel.replicate(jax.random.key_data(jax.random.key(0)))
+    data = jax.device_get(jax.random.key_data(keys(raw)))
+    assert len({tuple(row) for row in data.reshape(data.shape[0], -1)}) == data.shape[0]
+    decays = np.asarray(train.ema_decay(np.arange(3), 0.99999))
+    np.testing.assert_allclose(decays, [1 / 10, 2 / 11, 3 / 12], rtol=1e-6)
+    assert float(train.ema_decay(np.asarray(10**7), 0.99999)) == pytest.approx(0.99999)
+
+
+@pytest.mark.slow
+def test_pmap_matches_single_device():
+    # Without dropout / stochastic depth the update depends only on the global batch.
+    config = tiny_config(**{"model.drop_rate": 0.0, "model.stochdepth_rate": 0.0})
+    plan = train.make_plan(config, 10, 1437)
+    model = train.build_model(config, plan.num_classes)
+    optimizer = train.make_optimizer(config, plan)
+    kwargs = dict(model=model, optimizer=optimizer, schedule=train.make_schedule(plan),
+                  policy=train.precision_policy(config), label_smoothing=0.1,
+                  max_ema_decay=0.99999, use_sam=False)
+    state = train.create_train_state(model, optimizer, 32, seed=0)
+    batches = train.make_train_iterator(config, plan, 0)
+    batches = [next(batches) for _ in range(2)]
+
+    def run(devices, state):
+        n = len(devices)
+        fn = jax.pmap(lambda s, b, r: train.train_step(s, b, r, **kwargs),
+                      axis_name=parallel.AXIS_NAME, devices=devices)
+        state = jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), state)
+        for batch in batches:
+            batch = jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[2:]), batch)
+            state, metrics = fn(state, batch, np.zeros((n,), np.int32))
+        return jax.device_get(jax.tree.map(lambda x: x[0], state)), jax.device_get(metrics)
+
+    single, single_metrics = run(jax.local_devices()[:1], state)
+    multi, multi_metrics = run(jax.local_devices(), state)
+    assert jax.device_count() == 8
+    np.testing.assert_allclose(single_metrics["loss"][0], multi_metrics["loss"][0], rtol=1e-5)
+    assert_trees_equal(single.params, multi.params, rtol=2e-5, atol=2e-7)
+    assert_trees_equal(single.opt_state, multi.opt_state, rtol=2e-4, atol=2e-7)
+
+
+def test_sigterm_saves_checkpoint_and_resume_matches(baseline, tmp_path):
+    _, expected = baseline
+    workdir = str(tmp_path)
+    config = tiny_config(checkpoint_every_steps=0)
+
+    def hook(step):
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = train.train_and_evaluate(config, workdir, step_hook=hook)
+    assert stopped["preempted"] and stopped["step"] < 4
+    assert checkpointing.Checkpointer(workdir).latest_step() == stopped["step"]
+    resumed = train.train_and_evaluate(config, workdir)
+    assert resumed["step"] == 4 and not resumed["preempted"]
+    assert_trees_equal(resumed["state"], expected["state"])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_same_parameters(baseline, tmp_path):
+    _, expected = baseline
+    workdir = str(tmp_path)
+    code = textwrap.dedent(f"""
+        import os, signal
+        from nfnets_jax import configlib, train
+        def hook(step):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train.train_and_evaluate(configlib.load_config_file({TINY!r}), {workdir!r},
+                                 step_hook=hook)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(8),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert checkpointing.Checkpointer(workdir).latest_step() == 2
+    resumed = train.train_and_evaluate(tiny_config(), workdir)
+    assert resumed["step"] == 4
+    assert_trees_equal(resumed["state"], expected["state"])
+
+
+def _assert_good_checkpoints(workdir, config, failed_before):
+    checkpointer = checkpointing.Checkpointer(workdir)
+    steps = checkpointer.all_steps()
+    assert steps and steps[-1] < failed_before
+    plan = train.make_plan(config, 10, 1437)
+    model = train.build_model(config, 10)
+    template = train.create_train_state(model, train.make_optimizer(config, plan), 32, 0)
+    restored = checkpointer.restore(template._asdict())
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored["params"]))
+
+
+def test_nan_input_stops_with_message_and_keeps_good_checkpoint(tmp_path, monkeypatch):
+    real_iterator = train.make_train_iterator
+
+    def poisoned(config, plan, start_step, **kwargs):
+        for step, batch in enumerate(real_iterator(config, plan, start_step, **kwargs)):
+            if start_step + step == 2:
+                batch = dict(batch, images=np.full_like(batch["images"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(train, "make_train_iterator", poisoned)
+    config = tiny_config(checkpoint_every_steps=1)
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"Non-finite loss \(nan.*\) at step 3: stopping") as info:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "The last good checkpoint is step 2" in str(info.value)
+    _assert_good_checkpoints(str(tmp_path), config, failed_before=3)
+
+
+def test_batch_not_divisible_by_device_count_is_rejected():
+    with pytest.raises(ValueError, match="Global batch size 12 is not divisible by the total "
+                                         "device count 8"):
+        train.make_plan(tiny_config(batch_size=12), 10, 1437)
+
+
+def test_checkpointer_keeps_last_n_and_ignores_partial_saves(tmp_path):
+    checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=2)
+    for step in (1, 2, 3):
+        checkpointer.save(step, {"w": np.full((2,), step, np.float32)})
+    # A save killed half way leaves only a temporary directory, never restored.
+    os.makedirs(os.path.join(checkpointer.directory, "4.orbax-checkpoint-tmp-123"))
+    reopened = checkpointing.Checkpointer(str(tmp_path), keep=2)
+    assert reopened.all_steps() == [2, 3]
+    restored = reopened.restore({"w": np.zeros((2,), np.float32)})
+    np.testing.assert_array_equal(restored["w"], [3.0, 3.0])
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        checkpointing.Checkpointer(str(tmp_path / "empty")).restore({"w": np.zeros(2)})
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_match_single_process(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "multi")
+    port = _free_port()
+    procs = []
+    for process_id in range(2):
+        command = [sys.executable, os.path.join(REPO, "scripts", "train.py"),
+                   f"--config={TINY}", f"--workdir={workdir}",
+                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={process_id}", "--cpu_collectives=gloo"]
+        procs.append(subprocess.Popen(command, env=subprocess_env(4), cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+
+    config = tiny_config()
+    plan = train.make_plan(config, 10, 1437)
+    # Each process reads its own, disjoint shard of every global batch.
+    shards = [train.make_train_iterator(config, plan, 0, process_index=i, process_count=2,
+                                        local_device_count=4) for i in range(2)]
+    seen = [[next(s) for _ in range(4)] for s in shards]
+    images = [np.concatenate([b["images"].reshape(-1, 32 * 32 * 3) for b in s]) for s in seen]
+    rows = [{r.tobytes() for r in imgs} for imgs in images]
+    assert not rows[0] & rows[1]
+
+    # One process on the union of the two shards reproduces the two-process run.
+    def union_iterator(config, plan, start_step, **kwargs):
+        its = [train.make_train_iterator(config, plan, start_step, process_index=i,
+                                         process_count=2, local_device_count=4)
+               for i in range(2)]
+        while True:
+            parts = [next(it) for it in its]
+            yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    monkeypatch.setattr(train, "make_train_iterator", union_iterator)
+    single = train.train_and_evaluate(config, str(tmp_path / "single"))
+    model = train.build_model(config, 10)
+    template = train.create_train_state(model, train.make_optimizer(config, plan), 32, 0)
+    multi = checkpointing.Checkpointer(workdir).restore(template._asdict())
+    assert int(multi["step"]) == 4
+    assert_trees_equal(multi["params"], single["state"].params, rtol=1e-5, atol=1e-6)
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert evals[-1]["count"] == 360
+    assert evals[-1]["top1"] == pytest.approx(single["eval"]["top1"], abs=1 / 360 + 1e-9)
