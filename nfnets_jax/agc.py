@@ -45,7 +45,7 @@ _DIV_EPS = 1e-6
 DEFAULT_UNIT_AXIS = -1
 
 # Path of the classifier weight of this project's models; the paper does not clip it.
-NFNET_CLASSIFIER_PATTERN = r"(?:.*/~/)?(?:NFNet|NFResNet)/~/linear/w"
+NFNET_CLASSIFIER_PATTERN = r"(?:.*/~/)?(?:NFNet|NF_ResNet)/~/linear/w"
 
 Mask = Any  # pytree of bools (or a prefix of the params tree); True = clip.
 MaskOrFn = Mask | Callable[[optax.Params], Mask] | None
@@ -202,9 +202,10 @@ def nfnet_mask(params: optax.Params) -> Mask:
     """The reference AGC mask for NFNet / NF-ResNet parameters: clip all but the classifier w.
 
     Excludes exactly the top-level classifier weight, ``'NFNet/~/linear/w'`` (or
-    ``'NFResNet/~/linear/w'``), also when the model sits inside an outer Haiku module. The
-    squeeze-excite layers (``'.../squeeze_excite/~/linear'``), the classifier bias, gains,
-    biases and skip gains are all clipped, as in the reference.
+    ``'NF_ResNet/~/linear/w'``, the reference's NF-ResNet root name), also when the model
+    sits inside an outer Haiku module. The squeeze-excite layers
+    (``'.../squeeze_excite/~/linear'``), the classifier bias, gains, biases and skip gains
+    are all clipped, as in the reference.
 
     Args:
       params: Haiku parameters of an ``NFNet`` or ``NFResNet``.

@@ -343,7 +343,7 @@ def fake_nfnet_params(prefix="NFNet"):
     }
 
 
-@pytest.mark.parametrize("prefix", ["NFNet", "NFResNet", "outer/~/NFNet"])
+@pytest.mark.parametrize("prefix", ["NFNet", "NF_ResNet", "outer/~/NFNet"])
 def test_nfnet_mask_excludes_only_the_classifier_weight(prefix):
     params = fake_nfnet_params(prefix)
     mask = agc.nfnet_mask(params)

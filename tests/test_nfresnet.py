@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from nfnets_jax import counting, nfresnet
+from nfnets_jax import agc, counting, nfresnet
 
 
 def _shapes(variant, **kwargs):
@@ -50,3 +50,11 @@ def test_forward_and_errors():
     assert out["stage_3"].shape == (2, 1, 1, 512)
     with pytest.raises(ValueError, match="Unknown variant 'ResNet34'.*ResNet50"):
         _shapes("ResNet34")
+
+
+def test_agc_mask_skips_exactly_the_classifier_weight():
+    params = _shapes("ResNet26", use_se=True)
+    mask = agc.nfnet_mask(params)
+    unclipped = [m for m, leaves in mask.items() for name, v in leaves.items() if not v]
+    assert unclipped == ["NF_ResNet/~/linear"]
+    assert not mask["NF_ResNet/~/linear"]["w"] and mask["NF_ResNet/~/linear"]["b"]
