@@ -29,6 +29,7 @@ setuptools.setup(
     version="0.1.0",
     description="JAX + Haiku reference reimplementation of NFNets and Adaptive Gradient Clipping.",
     packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*"]),
+    package_data={"nfnets_jax.checkpoints": ["imagenet_labels.txt"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,
