@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import resource
 import statistics
@@ -61,6 +62,7 @@ PEAK_FLOPS: dict[str, dict[str, float | None]] = {
     "TPU v5e": {"bfloat16": 197e12, "float32": None},
 }
 TIMM_SHIM_OPS = ("nms", "qnms")
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,10 +222,12 @@ def time_round_robin(prepared: Sequence[Prepared], iters: int, repeats: int,
             item.carry = jax.block_until_ready(item.call(item.carry))
         if item.framework == "jax":
             item.memory = jax_peak_memory()
-    for _ in range(repeats):
+    for round_index in range(repeats):
         for item in prepared:
             seconds, item.carry = time_once(item.call, item.carry, iters)
             item.times.append(seconds)
+        _LOG.info("round %d/%d: %s", round_index + 1, repeats,
+                  ", ".join(f"{p.framework} {p.mode} {p.times[-1]:.3g}s" for p in prepared))
 
 
 def _remat_blocks(next_f, args, kwargs, context):
@@ -355,6 +359,8 @@ def prepare_jax(config: BenchmarkConfig, config_index: int = 0) -> list[Prepared
                 params_by_res[res] = init(rng, images, True)
             params = params_by_res[res]
         call, carry, seconds, mem = _prepare_jax_mode(config, mode, transformed, params, images)
+        _LOG.info("jax %s (group_conv=%s, remat=%s): compiled in %.1f s", mode,
+                  config.group_conv, config.remat, seconds)
         prepared.append(Prepared("jax", mode, config_index, config, call, carry, seconds,
                                  forward_macs(config, res), device.device_kind,
                                  xla_memory_bytes=mem))
@@ -522,6 +528,7 @@ def prepare_timm(config: BenchmarkConfig, config_index: int = 0,
         start = time.perf_counter()
         call(None)  # Eager: the first call stands in for compilation.
         seconds = time.perf_counter() - start
+        _LOG.info("timm %s: first call %.1f s", mode, seconds)
         mode_macs = (macs or {}).get(mode) or forward_macs(config, res)
         if device.type == "cuda":
             memory = (int(torch.cuda.max_memory_allocated()), "torch max_memory_allocated")
@@ -625,10 +632,8 @@ def environment() -> dict[str, Any]:
 
         env["torch"] = torch.__version__
         env["torch_threads"] = torch.get_num_threads()
-        import timm
-
-        env["timm"] = timm.__version__
-    except ImportError:
+        env["timm"] = import_timm().__version__
+    except Exception:  # noqa: BLE001 - torch/timm are optional.
         pass
     return env
 
