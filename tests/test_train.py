@@ -246,8 +246,10 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
     assert not rows[0] & rows[1]
 
     # One process on the union of the two shards reproduces the two-process run.
+    real_iterator = train.make_train_iterator
+
     def union_iterator(config, plan, start_step, **kwargs):
-        its = [train.make_train_iterator(config, plan, start_step, process_index=i,
+        its = [real_iterator(config, plan, start_step, process_index=i,
                                          process_count=2, local_device_count=4)
                for i in range(2)]
         while True:
