@@ -383,7 +383,8 @@ def _row(item: Prepared) -> dict[str, Any]:
                        if framework == "jax" else "-"),
         "remat": config.remat if framework == "jax" else False,
         "donate": config.donate if framework == "jax" else False,
-        "compile_s": item.compile_s, "time_s": median, "times_s": list(item.times),
+        "compile_s": item.compile_s, "time_s": median, "min_time_s": min(item.times),
+        "times_s": list(item.times),
         "images_per_s": images / median if mode != "optimizer" else None,
         "macs_per_image": item.macs, "flops_per_s": flops,
         "mfu": flops / peak if (flops is not None and peak) else None,
@@ -603,7 +604,8 @@ def run(configs: Sequence[BenchmarkConfig], compare_timm: bool = False,
                 "remat": j.config.remat, "donate": j.config.donate,
                 "jax_s": statistics.median(j.times), "timm_s": statistics.median(t.times),
                 "ratio": statistics.median(j.times) / statistics.median(t.times),
-                "paired_ratio": statistics.median(paired)})
+                "paired_ratio": statistics.median(paired),
+                "min_ratio": min(j.times) / min(t.times)})
     shares = []
     for index, config in enumerate(configs):
         by_mode = {m: p for (i, m), p in jax_items.items() if i == index}
@@ -651,12 +653,14 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """Plain-text table of `run`'s result (times are medians; all repeats in the JSON)."""
     header = ["framework", "mode", "variant", "batch", "px", "dtype", "group_conv", "remat",
-              "compile s", "time s", "img/s", "GFLOP/s", "MFU", "peak mem MiB", "XLA mem MiB"]
+              "donate", "compile s", "time s", "min s", "img/s", "GFLOP/s", "MFU",
+              "peak mem MiB", "XLA mem MiB"]
     lines = []
     for r in result["rows"]:
         lines.append([r["framework"], r["mode"], r["variant"], str(r["batch_size"]),
                       str(r["resolution"]), r["dtype"], r["group_conv"], _fmt(r["remat"]),
-                      _fmt(r["compile_s"]), _fmt(r["time_s"], digits=4),
+                      _fmt(r["donate"]), _fmt(r["compile_s"]), _fmt(r["time_s"], digits=4),
+                      _fmt(r["min_time_s"], digits=4),
                       _fmt(r["images_per_s"]), _fmt(r["flops_per_s"], 1e9),
                       _fmt(r["mfu"]), f"{r['peak_memory_bytes'] / 2**20:.0f}",
                       _fmt(r["xla_memory_bytes"] and r["xla_memory_bytes"] / 2**20, digits=4)])
@@ -667,12 +671,14 @@ def format_table(result: dict[str, Any]) -> str:
     out += [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     for ratio in result["ratios"]:
         out.append(f"ratio jax/timm {ratio['mode']} (group_conv={ratio['group_conv']}, "
-                   f"remat={_fmt(ratio['remat'])}): {ratio['ratio']:.3f} "
-                   f"({ratio['jax_s']:.4g} s / {ratio['timm_s']:.4g} s); "
-                   f"median per-round ratio {ratio['paired_ratio']:.3f}")
+                   f"remat={_fmt(ratio['remat'])}, donate={_fmt(ratio['donate'])}): "
+                   f"{ratio['ratio']:.3f} ({ratio['jax_s']:.4g} s / {ratio['timm_s']:.4g} s); "
+                   f"median per-round ratio {ratio['paired_ratio']:.3f}; ratio of minima "
+                   f"{ratio['min_ratio']:.3f}")
     for share in result["optimizer_share"]:
         line = (f"optimizer (AGC + weight decay + SGD) alone / train step "
-                f"(group_conv={share['group_conv']}): {100 * share['share']:.2f}%")
+                f"(group_conv={share['group_conv']}, remat={_fmt(share['remat'])}): "
+                f"{100 * share['share']:.2f}%")
         if "train_minus_grad_share" in share:
             line += (f"; 1 - grad/train: {100 * share['train_minus_grad_share']:.2f}%")
         out.append(line)
@@ -691,7 +697,7 @@ def write_json(result: dict[str, Any], path: str) -> None:
 
 
 def build_configs(group_convs: Sequence[str] = ("auto",), remats: Sequence[bool] = (False,),
-                  **common: Any) -> list[BenchmarkConfig]:
-    """One `BenchmarkConfig` per (group_conv, remat) pair, sharing the `common` fields."""
-    return [BenchmarkConfig(group_conv=g, remat=r, **common)
-            for g in group_convs for r in remats]
+                  donates: Sequence[bool] = (True,), **common: Any) -> list[BenchmarkConfig]:
+    """One `BenchmarkConfig` per (group_conv, remat, donate), sharing the `common` fields."""
+    return [BenchmarkConfig(group_conv=g, remat=r, donate=d, **common)
+            for g in group_convs for r in remats for d in donates]

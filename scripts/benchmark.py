@@ -32,7 +32,8 @@ _GROUP_CONV = flags.DEFINE_list("group_conv", ["auto"],
                                 "Grouped-conv strategies to compare: auto,native,split,dense.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Per-block rematerialisation: false, true or "
                            "both (false,true).")
-_DONATE = flags.DEFINE_bool("donate", True, "Donate params and optimizer state to the step.")
+_DONATE = flags.DEFINE_list("donate", ["true"], "Donate params and optimizer state to the "
+                            "step: true, false or both (true,false).")
 _MODES = flags.DEFINE_list("modes", ["inference", "train"],
                            f"Subset of {','.join(benchmarking.MODES)}.")
 _ITERS = flags.DEFINE_integer("iters", 1, "Calls per timed run.")
@@ -48,9 +49,9 @@ _TIMM_CHANNELS_LAST = flags.DEFINE_bool("timm_channels_last", False,
 _JSON = flags.DEFINE_string("json", None, "Also write the full result as JSON here.")
 
 
-def _bool(text: str) -> bool:
+def _bool(text: str, flag: str) -> bool:
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise app.UsageError(f"--remat takes true/false values, got {text!r}.")
+        raise app.UsageError(f"--{flag} takes true/false values, got {text!r}.")
     return text.lower() in ("true", "1", "yes")
 
 
@@ -59,12 +60,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     res = _RESOLUTION.value
     configs = benchmarking.build_configs(
-        group_convs=_GROUP_CONV.value, remats=[_bool(r) for r in _REMAT.value],
+        group_convs=_GROUP_CONV.value, remats=[_bool(r, "remat") for r in _REMAT.value],
+        donates=[_bool(d, "donate") for d in _DONATE.value],
         variant=_VARIANT.value, batch_size=_BATCH.value,
         inference_resolution=_INFER_RES.value or res or 192,
         train_resolution=_TRAIN_RES.value or res or 128, dtype=_DTYPE.value,
         modes=tuple(_MODES.value), iters=_ITERS.value, repeats=_REPEATS.value,
-        warmup=_WARMUP.value, donate=_DONATE.value, num_classes=_NUM_CLASSES.value,
+        warmup=_WARMUP.value, num_classes=_NUM_CLASSES.value,
         model_kwargs=json.loads(_MODEL_KWARGS.value))
     result = benchmarking.run(configs, compare_timm=_COMPARE.value == "timm",
                               timm_channels_last=_TIMM_CHANNELS_LAST.value)
