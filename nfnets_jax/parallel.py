@@ -25,12 +25,14 @@ def initialize_distributed(
     num_processes: int | None = None,
     process_id: int | None = None,
     cpu_collectives: str | None = None,
+    auto: bool = False,
 ) -> None:
     """Starts `jax.distributed` when this run spans several processes.
 
-    Does nothing for a single-process run (no arguments and no cluster environment). On TPU pod
-    slices and on Slurm/Open MPI clusters JAX discovers the coordinator itself, so calling this
-    with no arguments is enough; elsewhere pass the coordinator and the process layout.
+    Does nothing for a single-process run (no arguments, `auto` False and no Slurm / Open MPI
+    / GKE TPU environment). On TPU pod slices and Slurm / Open MPI clusters JAX discovers the
+    coordinator and layout itself: pass `auto=True` (Slurm and Open MPI jobs are detected
+    without it). Elsewhere pass the coordinator and the process layout.
 
     Args:
       coordinator_address: `host:port` of process 0's coordinator service, or None.
@@ -38,6 +40,7 @@ def initialize_distributed(
       process_id: this process's index, or None to auto-detect.
       cpu_collectives: CPU collectives implementation for multi-process CPU runs ('gloo'); must
         be set before `jax.distributed.initialize`, so it is taken here.
+      auto: call `jax.distributed.initialize()` with auto-detection (TPU pods).
 
     Raises:
       ValueError: if only some of the three layout arguments are given.
@@ -52,7 +55,7 @@ def initialize_distributed(
     if coordinator_address is not None:
         jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
-    elif _in_cluster_environment():
+    elif auto or _in_cluster_environment():
         jax.distributed.initialize()
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
+import os
 import re
 import signal
 from collections.abc import Callable, Iterator, Mapping
@@ -539,6 +541,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
     writer = metrics_lib.MetricWriter(workdir)
 
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump({"config": config.to_dict(), "plan": dataclasses.asdict(plan),
+                       "devices": jax.device_count(), "processes": jax.process_count()},
+                      f, indent=2, default=str)
     host_state = restore_or_create(config, checkpointer, model, optimizer, plan)
     step = int(host_state.step)
     state = parallel.replicate(host_state)

@@ -4,7 +4,8 @@
   python scripts/train.py --config=configs/imagenet_nfnet.py:F3 --workdir=gs://bucket/f3 \
       --config.data_dir=gs://bucket/tfds --config.batch_size=4096
 
-Run the same command on every host of a TPU pod slice (JAX finds the other hosts itself).
+Run the same command with --distributed on every host of a TPU pod slice (JAX finds the
+other hosts itself; Slurm and Open MPI jobs need not even that flag).
 Elsewhere, multi-process runs pass --coordinator_address, --num_processes and --process_id.
 A run always resumes from the newest checkpoint in --workdir.
 """
@@ -23,6 +24,9 @@ _COORDINATOR = flags.DEFINE_string(
     "on TPU pods, Slurm or Open MPI, where JAX discovers the layout).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Start jax.distributed with auto-detection of the hosts (TPU pod "
+    "slices; Slurm and Open MPI jobs are detected without this flag).")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", None, "CPU collectives for multi-process CPU runs, e.g. 'gloo'.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -40,7 +44,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_DropLibraryChatter())
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                    cpu_collectives=_CPU_COLLECTIVES.value)
+                                    cpu_collectives=_CPU_COLLECTIVES.value,
+                                    auto=_DISTRIBUTED.value)
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     for split in ("eval", "eval_ema"):
         if split in results:

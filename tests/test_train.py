@@ -79,6 +79,8 @@ def test_trains_with_finite_loss_and_identical_replicas(baseline):
             "learning_rate"} <= set(train_records[-1])
     assert {r["split"] for r in records} == {"train", "eval", "eval_ema"}
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["plan"]["total_steps"] == 4
 
 
 def test_per_device_rngs_differ_and_ema_follows_formula():
