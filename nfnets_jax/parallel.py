@@ -155,13 +155,20 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 
 
 def replicas_identical(tree: Any) -> bool:
-    """Whether every local replica of a replicated pytree holds bit-identical values.
+    """Whether every replica of a replicated pytree, on every process, holds identical bits.
 
-    Compares per-leaf checksums of the bits, computed on each device, so nothing but a few
-    integers per leaf leaves the devices.
+    Compares per-leaf checksums of the bits computed on each device, so only a few integers
+    per leaf leave the devices; in multi-process runs the checksums of every process's first
+    replica are gathered and compared too (all processes must call this together).
     """
     leaves = [x for x in jax.tree.leaves(tree) if np.size(x)]
     if not leaves:
         return True
     sums = jax.device_get(jax.pmap(lambda xs: [_fingerprint(x) for x in xs])(leaves))
-    return all(np.array_equal(s[0], s[i]) for s in sums for i in range(1, s.shape[0]))
+    local = all(np.array_equal(s[0], s[i]) for s in sums for i in range(1, s.shape[0]))
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils  # Multi-process runs only.
+    first = np.stack([s[0] for s in sums])
+    everyone = np.asarray(multihost_utils.process_allgather(first))
+    return local and all(np.array_equal(everyone[0], other) for other in everyone[1:])

@@ -236,6 +236,7 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
+        assert "Replicas diverged" not in out
 
     config = tiny_config()
     plan = train.make_plan(config, 10, 1437)
