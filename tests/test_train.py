@@ -115,7 +115,8 @@ def test_pmap_matches_single_device():
         state = jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), state)
         for batch in batches:
             batch = jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[2:]), batch)
-            state, metrics = fn(state, batch, np.zeros((n,), np.int32))
+            # Host round trip: identical input types each step, so a single compilation.
+            state, metrics = jax.device_get(fn(state, batch, np.zeros((n,), np.int32)))
         return jax.device_get(jax.tree.map(lambda x: x[0], state)), jax.device_get(metrics)
 
     single, single_metrics = run(jax.local_devices()[:1], state)
