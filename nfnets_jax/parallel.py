@@ -138,9 +138,9 @@ def shard(batch: Any) -> Any:
     return jax.device_put(batch, _local_sharding())
 
 
-def fetch(tree: Any) -> Any:
-    """Fetches a per-device pytree to host numpy, shaped [local_devices, ...]."""
-    return jax.device_get(tree)
+def per_device_value(value: int) -> np.ndarray:
+    """A host int32 array giving every local device `value` (a pmap argument)."""
+    return np.full((jax.local_device_count(),), value, np.int32)
 
 
 def _fingerprint(x: jax.Array) -> jax.Array:

@@ -604,7 +604,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 if step_hook is not None:
                     step_hook(step)
                 batch = parallel.shard(next(train_batches))
-                request = np.full((jax.local_device_count(),), int(stop.requested), np.int32)
+                request = parallel.per_device_value(int(stop.requested))
                 state, device_metrics = p_train(state, batch, request)
                 step += 1
                 if pending is not None:
