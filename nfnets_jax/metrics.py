@@ -77,6 +77,10 @@ class Progress:
         self._last_step = start_step
         self._last_time = time.time()
 
+    def restart(self, step: int) -> None:
+        """Restarts the clock at `step` (e.g. after the first step, to leave compilation out)."""
+        self._last_step, self._last_time = step, time.time()
+
     def update(self, step: int, loss: float, lr: float) -> str:
         """Prints (process 0) and returns the progress line for `step`."""
         now = time.time()

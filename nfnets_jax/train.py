@@ -594,6 +594,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f"at step {done_step}: stopping. The last good checkpoint is step "
                 f"{checkpointer.latest_step()} in {checkpointer.directory}; lower the learning "
                 "rate or check the data before resuming.")
+        if not log["interval"] and not log["train"]:
+            progress.restart(done_step)  # Throughput and ETA leave the compilation out.
         log["train"], log["step"] = values, done_step
         log["interval"].append(values)
         log["preempted"] = log["preempted"] or values["stop_requests"] > 0
