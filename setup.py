@@ -15,8 +15,8 @@ EXTRAS = {
     # Input pipeline, evaluation on tfds/folder datasets, the built-in digits dataset.
     "data": ["tensorflow-cpu", "tensorflow-datasets", "importlib_resources",
              "scikit-learn", "pillow"],
-    # Training: checkpoints and TensorBoard event files.
-    "train": ["orbax-checkpoint", "tensorboardX"],
+    # Training: checkpoints, TensorBoard event files, mixed precision.
+    "train": ["orbax-checkpoint", "tensorboardX", "jmp"],
     # PyTorch interop (timm weight conversion, --compare timm in the benchmark).
     "torch": ["torch==2.13.0", "timm"],
     # Tests, lint, plots, the Flax AGC example.
