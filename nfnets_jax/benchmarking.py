@@ -454,7 +454,9 @@ def make_timm_model(config: BenchmarkConfig, is_training: bool) -> Any:
     if name not in timm_nfnet.model_cfgs:
         raise ValueError(f"timm has no {name!r} equivalent of variant {config.variant!r}.")
     mk = config.model_kwargs
-    drop = mk.get("drop_rate") or nfnet.VARIANTS[config.variant]["drop_rate"]
+    drop = mk.get("drop_rate")
+    if drop is None:
+        drop = nfnet.VARIANTS[config.variant]["drop_rate"]
     kwargs = dict(num_classes=config.num_classes, drop_rate=drop,
                   drop_path_rate=mk.get("stochdepth_rate", 0.1))
     if any(k in mk for k in ("widths", "depths", "group_width")):
