@@ -61,7 +61,6 @@ PEAK_FLOPS: dict[str, dict[str, float | None]] = {
     "TPU v5 lite": {"bfloat16": 197e12, "float32": None},
     "TPU v5e": {"bfloat16": 197e12, "float32": None},
 }
-TIMM_SHIM_OPS = ("nms", "qnms")
 _LOG = logging.getLogger(__name__)
 
 
@@ -397,35 +396,15 @@ def _row(item: Prepared) -> dict[str, Any]:
 # timm.
 # ------------------------------------------------------------------------------------------
 
-_TORCHVISION_SHIM = []
-
-
 def import_timm() -> Any:
-    """Imports timm, registering stub `torchvision::nms`/`qnms` schemas where missing.
-
-    torchvision's Python code registers fake kernels for these operators at import; when
-    its compiled extension does not match the installed torch, the operators do not exist
-    and `import timm` fails. Declaring the schemas (no kernels: calling them still fails)
-    is enough for timm's classification models, which never use them.
+    """Imports timm through the project's one torchvision shim (`timm_convert.import_timm`).
 
     Raises:
       ImportError: if torch or timm is not installed.
     """
-    import torch
+    from nfnets_jax.checkpoints import timm_convert  # torch is optional: import lazily.
 
-    for op in TIMM_SHIM_OPS:
-        try:
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"torchvision::{op}", "Meta")
-            continue  # The operator exists.
-        except RuntimeError:
-            pass
-        if not _TORCHVISION_SHIM:
-            _TORCHVISION_SHIM.append(torch.library.Library("torchvision", "FRAGMENT"))
-        _TORCHVISION_SHIM[0].define(
-            f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import timm
-
-    return timm
+    return timm_convert.import_timm()
 
 
 def timm_available() -> tuple[bool, str]:
