@@ -31,26 +31,28 @@ def test_weight_standardisation_epsilon_is_a_max_not_an_addition():
     np.testing.assert_allclose(timm, centred / jnp.sqrt(4 * (var + 1e-5)), rtol=1e-5)
 
 
-def _conv_fn(strategy, groups):
-    return hk.transform(lambda x: layers.WSConv2D(12, 3, stride=2, feature_group_count=groups,
+def _conv_fn(strategy, groups, kernel, stride):
+    return hk.transform(lambda x: layers.WSConv2D(12, kernel, stride=stride,
+                                                   feature_group_count=groups,
                                                    group_conv=strategy)(x))
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-def test_group_conv_strategies_agree_in_outputs_and_gradients(groups):
+@pytest.mark.parametrize("groups, kernel, stride", [(1, 3, 2), (3, 3, 2), (3, 3, 1),
+                                                    (1, 1, 1), (1, 1, 2)])
+def test_group_conv_strategies_agree_in_outputs_and_gradients(groups, kernel, stride):
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 6))
-    params = _conv_fn("native", groups).init(jax.random.PRNGKey(2), x)
+    params = _conv_fn("native", groups, kernel, stride).init(jax.random.PRNGKey(2), x)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(3), p.shape),
                           params)  # non-trivial gain and bias
     results = {}
     for strategy in layers.GROUP_CONV_STRATEGIES:
-        fn = _conv_fn(strategy, groups)
+        fn = _conv_fn(strategy, groups, kernel, stride)
         assert jax.tree.map(jnp.shape, fn.init(jax.random.PRNGKey(2), x)) == \
             jax.tree.map(jnp.shape, params)
         loss = lambda p, x, f=fn: jnp.sum(jnp.sin(f.apply(p, None, x)))
         results[strategy] = (fn.apply(params, None, x), jax.grad(loss, (0, 1))(params, x))
     ref_out, ref_grads = results["native"]
-    assert ref_out.shape == (2, 5, 5, 12)
+    assert ref_out.shape == (2, 5 if stride == 2 else 9, 5 if stride == 2 else 9, 12)
     for strategy, (out, grads) in results.items():
         np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5, err_msg=strategy)
         jax.tree.map(lambda a, b, s=strategy: np.testing.assert_allclose(
