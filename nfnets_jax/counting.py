@@ -70,8 +70,8 @@ def model_counts(model_fn: Callable[[jax.Array], Any], resolution: int,
     """Parameter count, module count and per-image MACs of a Haiku model function.
 
     Args:
-      model_fn: `images -> outputs`, building the Haiku model inside (as for hk.transform);
-        it is called in inference mode by the caller's choice.
+      model_fn: `images -> outputs`, building the Haiku model inside (it is hk.transform-ed
+        here), e.g. `lambda x: nfnet.NFNet(1000, "F0")(x, is_training=False)`.
       resolution: square input size in pixels.
       batch: batch size to trace with (MACs are reported per image).
 
