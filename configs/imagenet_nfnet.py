@@ -9,7 +9,7 @@ size and SAM (on by default only for F6, which the paper trained with SAM):
 
 Everything else follows from the variant and the global batch in code
 (`nfnets_jax.train.make_plan`): peak lr = 0.1 * batch / 256 (1.6 at 4096), 360 epochs of
-1,281,167 images with 5 warmup epochs (112,602 and 1,564 steps at 4096), train / test px,
+1,281,167 images with 5 warmup epochs (112,602 and 1,563 steps at 4096), train / test px,
 dropout and RandAugment magnitude from `nfnets_jax.nfnet.VARIANTS`.
 """
 import ml_collections

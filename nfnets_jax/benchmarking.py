@@ -672,9 +672,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: str) -> None:
-    """Writes `run`'s result as JSON."""
-    with open(path, "w") as f:
+    """Writes `run`'s result as JSON (atomically: a temporary file renamed into place)."""
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1, default=lambda o: float(np.asarray(o)))
+    os.replace(tmp, path)
 
 
 def build_configs(group_convs: Sequence[str] = ("auto",), remats: Sequence[bool] = (False,),

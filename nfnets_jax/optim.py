@@ -80,12 +80,8 @@ def default_decay_mask(params: optax.Params) -> Any:
 
 
 def _resolve(mask: Any, params: optax.Params, what: str) -> list[bool]:
-    values = mask(params) if callable(mask) else mask
-    try:
-        expanded = jax.tree.map(lambda v, sub: jax.tree.map(lambda _: v, sub), values, params)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{what} does not match the params tree structure") from err
-    return [bool(v) for v in jax.tree.structure(params).flatten_up_to(expanded)]
+    # The same broadcasting as adaptive_grad_clip's, so groups == what the optimizer does.
+    return [bool(v) for v in agc._per_leaf(mask, params, what)]
 
 
 def param_groups(

@@ -150,12 +150,6 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return kwargs
 
 
-def classifier_weight_path(config: ml_collections.ConfigDict) -> str:
-    """Path of the classifier weight, the one parameter AGC leaves unclipped."""
-    root = {"NFNet": "NFNet", "NFResNet": "NF_ResNet"}[config.model_name]
-    return f"{root}/~/linear/w"
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> hk.Transformed:
     """The configured network as a Haiku transform: `apply(params, rng, images, is_training)`."""
     kwargs = model_kwargs(config)
@@ -188,8 +182,8 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: Plan) -> optax.Gradi
     """
     base = optim.make_optimizer(
         learning_rate=make_schedule(plan), clipping=config.clipping or None,
-        weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov,
-        agc_mask=agc.exclude_paths(re.escape(classifier_weight_path(config))))
+        weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov)
+    # optim's default AGC mask (agc.nfnet_mask) clips everything but the classifier weight.
     if not config.sam.enabled:
         return base
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam.rho))
@@ -499,7 +493,7 @@ def load_pretrained(path: str, fresh_params: hk.Params) -> hk.Params:
         params[module] = {}
         for name, fresh in values.items():
             source = loaded.get(module, {}).get(name)
-            is_classifier = module.endswith("~/linear") and "squeeze_excite" not in module
+            is_classifier = re.fullmatch(agc.NFNET_CLASSIFIER_PATTERN, f"{module}/w") is not None
             if source is not None and np.shape(source) == np.shape(fresh):
                 params[module][name] = np.asarray(source, np.float32)
             elif is_classifier:
@@ -531,7 +525,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Raises:
       NonFiniteLossError: if a step produced a non-finite loss or gradient.
+      ValueError: if `workdir` is a URL (gs://...): not supported yet.
     """
+    if "://" in workdir:
+        # os.path would turn "gs://b/x" into a local "./gs:/b/x": checkpoints that vanish
+        # with the VM. Refuse rather than lose a run.
+        raise ValueError(f"workdir {workdir!r} is a URL; cloud storage workdirs are not "
+                         "supported yet. Use a local or shared POSIX path (e.g. a mounted "
+                         "bucket or NFS) visible to every host.")
     num_classes, num_train_examples = dataset_info(config)
     plan = make_plan(config, num_classes, num_train_examples)
     model = build_model(config, plan.num_classes)

@@ -14,6 +14,7 @@ All measurements of one invocation are compiled first, then timed round-robin (m
 --repeats rounds). Logic: nfnets_jax/benchmarking.py.
 """
 import json
+import os
 
 from absl import app, flags
 
@@ -58,6 +59,9 @@ def _bool(text: str, flag: str) -> bool:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    json_dir = os.path.dirname(os.path.abspath(_JSON.value)) if _JSON.value else None
+    if json_dir and not os.path.isdir(json_dir):  # Fail before a long run, not after it.
+        raise app.UsageError(f"--json: directory {json_dir!r} does not exist.")
     res = _RESOLUTION.value
     configs = benchmarking.build_configs(
         group_convs=_GROUP_CONV.value, remats=[_bool(r, "remat") for r in _REMAT.value],

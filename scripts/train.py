@@ -1,13 +1,14 @@
 """Trains an NFNet from a config file: one CPU, all local GPUs / TPU cores, or a multi-host pod.
 
   python scripts/train.py --config=configs/quickstart.py --workdir=/tmp/nfnets_quickstart
-  python scripts/train.py --config=configs/imagenet_nfnet.py:F3 --workdir=gs://bucket/f3 \
+  python scripts/train.py --config=configs/imagenet_nfnet.py:F3 --workdir=/mnt/shared/f3 \
       --config.data_dir=gs://bucket/tfds --config.batch_size=4096
 
 Run the same command with --distributed on every host of a TPU pod slice (JAX finds the
 other hosts itself; Slurm and Open MPI jobs need not even that flag).
 Elsewhere, multi-process runs pass --coordinator_address, --num_processes and --process_id.
-A run always resumes from the newest checkpoint in --workdir.
+A run always resumes from the newest checkpoint in --workdir, which must be a local or shared
+POSIX path (gs:// URLs are refused).
 """
 import logging as py_logging
 

@@ -71,7 +71,8 @@ def test_http_download_verifies_md5_and_shows_progress(cache, served, monkeypatc
         assert f.read() == PAYLOAD
     assert "100.0%" in progress.getvalue() and "F0_haiku.npz" in progress.getvalue()
     assert os.listdir(cache) == ["F0_haiku.npz"]
-    # Cached: a second call does not download (the server could be gone).
+    # Cached: a second call does not download (a download attempt would fail loudly).
+    monkeypatch.setattr(zoo, "download", lambda *a, **k: pytest.fail("downloaded again"))
     assert zoo.fetch("F0", progress=None) == path
 
 

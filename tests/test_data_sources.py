@@ -153,3 +153,13 @@ def test_folder_dataset_layout_errors(tmp_path):
   os.makedirs(tmp_path / "val" / "green")
   with pytest.raises(ValueError, match="green.*does not exist in"):
     pipeline.dataset_info(f"folder:{tmp_path}")
+
+
+def test_folder_without_a_split_never_substitutes_another(tmp_path):
+  for cls in ("a", "b"):
+    os.makedirs(tmp_path / "val" / cls)
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / cls / "x.png")
+  source = sources.load_folder(str(tmp_path))
+  assert source.num_examples("val") == 2  # evaluation-only folders still work
+  with pytest.raises(ValueError, match="has no split 'train'; available: \\['val'\\]"):
+    source.num_examples(source.train_split)

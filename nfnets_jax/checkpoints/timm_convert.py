@@ -261,7 +261,9 @@ def load_timm_checkpoint(path: str) -> released.Params:
 def save_timm_checkpoint(params: Mapping[str, Mapping[str, Any]], path: str) -> str:
     """Writes this project's NFNet parameters as a timm `dm_nfnet_f*` state dict (.pth)."""
     torch = _import_torch()
-    torch.save(to_torch(params_to_timm(params)), path)
+    tmp = f"{path}.partial"
+    torch.save(to_torch(params_to_timm(params)), tmp)
+    os.replace(tmp, path)  # Atomic: an interrupted write never leaves a truncated .pth.
     return path
 
 

@@ -197,8 +197,9 @@ def resolve(checkpoint: str, progress: TextIO | None = sys.stderr) -> str:
     A zoo name is fetched into the cache (see `fetch`); an existing local path is returned
     as is. Anything else raises FileNotFoundError naming both possibilities.
     """
-    if os.path.exists(checkpoint):
-        return checkpoint
+    path = os.path.expanduser(checkpoint)  # `--checkpoint=~/x` reaches us unexpanded.
+    if os.path.exists(path):
+        return path
     if is_zoo_name(checkpoint):
         return fetch(checkpoint, progress=progress)
     raise FileNotFoundError(f"Checkpoint {checkpoint!r} is neither an existing path nor a zoo "
@@ -216,5 +217,7 @@ def copy_into_cache(name: str, source: str) -> str:
         raise ChecksumError(f"{source} has md5 {got}, but {entry.name} should be {entry.md5}.")
     path = os.path.join(cache_dir(), entry.filename)
     os.makedirs(cache_dir(), exist_ok=True)
-    shutil.copyfile(source, path)
+    tmp = f"{path}.partial"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)  # Atomic: an interrupted copy never sits at the final path.
     return path

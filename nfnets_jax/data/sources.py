@@ -217,9 +217,11 @@ def load_folder(path: str) -> IndexSource:
       order = np.random.RandomState(0).permutation(len(labels))
       files, labels = files[order], labels[order]
     splits[split] = (files, labels)
-  eval_split = next((s for s in ("val", "validation", "test") if s in splits), reference)
+  # Never stand one split in for another: training on the eval images (or evaluating on the
+  # training images) would be silently wrong. A missing split errors when it is used.
+  eval_split = next((s for s in ("val", "validation", "test") if s in splits), "val")
   return IndexSource(name=f"folder:{path}", num_classes=len(classes), splits=splits,
-                     train_split=reference, default_eval_split=eval_split)
+                     train_split="train", default_eval_split=eval_split)
 
 
 @dataclasses.dataclass
