@@ -76,6 +76,7 @@ class BenchmarkConfig:
       dtype: "float32" or "bfloat16" (bfloat16 compute on float32 parameters and optimizer
         state; the loss is taken in float32).
       group_conv: grouped-convolution strategy ("auto", "native", "split", "dense").
+      conv_grad: convolution backward-pass implementation ("auto", "xla", "matmul").
       modes: a subset of `MODES`.
       iters: calls per timed run.
       repeats: timed runs; the median is reported.
@@ -93,6 +94,7 @@ class BenchmarkConfig:
     train_resolution: int = 128
     dtype: str = "float32"
     group_conv: str = "auto"
+    conv_grad: str = "auto"
     modes: tuple[str, ...] = ("inference", "train")
     iters: int = 1
     repeats: int = 3
@@ -109,6 +111,7 @@ class BenchmarkConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}.")
         layers.resolve_group_conv(self.group_conv)
+        layers.resolve_conv_grad(self.conv_grad)
         nfnet.check_variant(self.variant, nfnet.VARIANTS)
         for name in ("batch_size", "inference_resolution", "train_resolution", "iters",
                      "repeats"):
@@ -242,7 +245,8 @@ def make_forward(config: BenchmarkConfig) -> Callable[..., dict[str, jax.Array]]
 
     def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
         model = nfnet.NFNet(num_classes=config.num_classes, variant=config.variant,
-                            group_conv=config.group_conv, **config.model_kwargs)
+                            group_conv=config.group_conv, conv_grad=config.conv_grad,
+                            **config.model_kwargs)
         if config.remat and is_training:
             with hk.intercept_methods(_remat_blocks):
                 return model(images, is_training=is_training)
@@ -358,8 +362,8 @@ def prepare_jax(config: BenchmarkConfig, config_index: int = 0) -> list[Prepared
                 params_by_res[res] = init(rng, images, True)
             params = params_by_res[res]
         call, carry, seconds, mem = _prepare_jax_mode(config, mode, transformed, params, images)
-        _LOG.info("jax %s (group_conv=%s, remat=%s): compiled in %.1f s", mode,
-                  config.group_conv, config.remat, seconds)
+        _LOG.info("jax %s (group_conv=%s, conv_grad=%s, remat=%s): compiled in %.1f s",
+                  mode, config.group_conv, config.conv_grad, config.remat, seconds)
         prepared.append(Prepared("jax", mode, config_index, config, call, carry, seconds,
                                  forward_macs(config, res), device.device_kind,
                                  xla_memory_bytes=mem))
@@ -380,6 +384,8 @@ def _row(item: Prepared) -> dict[str, Any]:
         "resolution": config.resolution(mode), "dtype": config.dtype,
         "group_conv": (layers.resolve_group_conv(config.group_conv)
                        if framework == "jax" else "-"),
+        "conv_grad": (layers.resolve_conv_grad(config.conv_grad)
+                      if framework == "jax" else "-"),
         "remat": config.remat if framework == "jax" else False,
         "donate": config.donate if framework == "jax" else False,
         "compile_s": item.compile_s, "time_s": median, "min_time_s": min(item.times),
@@ -582,6 +588,7 @@ def run(configs: Sequence[BenchmarkConfig], compare_timm: bool = False,
             ratios.append({
                 "config": index, "mode": t.mode,
                 "group_conv": layers.resolve_group_conv(j.config.group_conv),
+                "conv_grad": layers.resolve_conv_grad(j.config.conv_grad),
                 "remat": j.config.remat, "donate": j.config.donate,
                 "jax_s": statistics.median(j.times), "timm_s": statistics.median(t.times),
                 "ratio": statistics.median(j.times) / statistics.median(t.times),
@@ -594,6 +601,7 @@ def run(configs: Sequence[BenchmarkConfig], compare_timm: bool = False,
             opt_s = statistics.median(by_mode["optimizer"].times)
             train_s = statistics.median(by_mode["train"].times)
             share = {"config": index, "group_conv": layers.resolve_group_conv(config.group_conv),
+                     "conv_grad": layers.resolve_conv_grad(config.conv_grad),
                      "remat": config.remat, "optimizer_s": opt_s, "train_s": train_s,
                      "share": opt_s / train_s}
             if "grad" in by_mode:
@@ -633,13 +641,14 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """Plain-text table of `run`'s result (times are medians; all repeats in the JSON)."""
-    header = ["framework", "mode", "variant", "batch", "px", "dtype", "group_conv", "remat",
-              "donate", "compile s", "time s", "min s", "img/s", "GFLOP/s", "MFU",
-              "peak mem MiB", "XLA mem MiB"]
+    header = ["framework", "mode", "variant", "batch", "px", "dtype", "group_conv",
+              "conv_grad", "remat", "donate", "compile s", "time s", "min s", "img/s",
+              "GFLOP/s", "MFU", "peak mem MiB", "XLA mem MiB"]
     lines = []
     for r in result["rows"]:
         lines.append([r["framework"], r["mode"], r["variant"], str(r["batch_size"]),
-                      str(r["resolution"]), r["dtype"], r["group_conv"], _fmt(r["remat"]),
+                      str(r["resolution"]), r["dtype"], r["group_conv"], r["conv_grad"],
+                      _fmt(r["remat"]),
                       _fmt(r["donate"]), _fmt(r["compile_s"]), _fmt(r["time_s"], digits=4),
                       _fmt(r["min_time_s"], digits=4),
                       _fmt(r["images_per_s"]), _fmt(r["flops_per_s"], 1e9),
@@ -652,13 +661,15 @@ def format_table(result: dict[str, Any]) -> str:
     out += [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     for ratio in result["ratios"]:
         out.append(f"ratio jax/timm {ratio['mode']} (group_conv={ratio['group_conv']}, "
+                   f"conv_grad={ratio['conv_grad']}, "
                    f"remat={_fmt(ratio['remat'])}, donate={_fmt(ratio['donate'])}): "
                    f"{ratio['ratio']:.3f} ({ratio['jax_s']:.4g} s / {ratio['timm_s']:.4g} s); "
                    f"median per-round ratio {ratio['paired_ratio']:.3f}; ratio of minima "
                    f"{ratio['min_ratio']:.3f}")
     for share in result["optimizer_share"]:
         line = (f"optimizer (AGC + weight decay + SGD) alone / train step "
-                f"(group_conv={share['group_conv']}, remat={_fmt(share['remat'])}): "
+                f"(group_conv={share['group_conv']}, conv_grad={share['conv_grad']}, "
+                f"remat={_fmt(share['remat'])}): "
                 f"{100 * share['share']:.2f}%")
         if "train_minus_grad_share" in share:
             line += (f"; 1 - grad/train: {100 * share['train_minus_grad_share']:.2f}%")
@@ -680,7 +691,8 @@ def write_json(result: dict[str, Any], path: str) -> None:
 
 
 def build_configs(group_convs: Sequence[str] = ("auto",), remats: Sequence[bool] = (False,),
-                  donates: Sequence[bool] = (True,), **common: Any) -> list[BenchmarkConfig]:
-    """One `BenchmarkConfig` per (group_conv, remat, donate), sharing the `common` fields."""
-    return [BenchmarkConfig(group_conv=g, remat=r, donate=d, **common)
-            for g in group_convs for r in remats for d in donates]
+                  donates: Sequence[bool] = (True,), conv_grads: Sequence[str] = ("auto",),
+                  **common: Any) -> list[BenchmarkConfig]:
+    """One `BenchmarkConfig` per (group_conv, conv_grad, remat, donate), sharing `common`."""
+    return [BenchmarkConfig(group_conv=g, conv_grad=c, remat=r, donate=d, **common)
+            for g in group_convs for c in conv_grads for r in remats for d in donates]

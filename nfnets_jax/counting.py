@@ -4,7 +4,8 @@ MACs are read off the traced program (jaxpr): every convolution and every matrix
 (classifier and squeeze-excite) contributes (output elements) x (reduction length). This
 reproduces the published counts (REFERENCE §1: F0 12.38B at 256 px ... F7 478.78B at 608 px);
 leaving out the squeeze-excite matmuls would give 12.36B for F0. Grouped convolutions are
-traced with the "native" strategy so the count does not depend on the execution strategy.
+traced with the "native" strategy (and autodiff-ready "xla" convolutions) so the count does
+not depend on the execution strategy.
 """
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,6 @@ def model_counts(model_fn: Callable[[jax.Array], Any], resolution: int,
     transformed = hk.transform(model_fn)
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
     params = jax.eval_shape(transformed.init, jax.random.PRNGKey(0), images)
-    with layers.forced_group_conv("native"):
+    with layers.forced_group_conv("native"), layers.forced_conv_grad("xla"):
         macs = count_macs(lambda p, x: transformed.apply(p, None, x), params, images)
     return {"params": count_params(params), "modules": len(params), "macs": macs // batch}

@@ -7,6 +7,11 @@ Grouped convolutions can run three numerically identical ways (`GROUP_CONV_STRAT
   (groups x the FLOPs, but the fastest kernels on some backends).
 The parameters are the same for every strategy (kernel HWIO with I = in_channels / groups).
 "auto" picks the measured-fastest for the current backend (see `default_group_conv`).
+
+Independently, the backward pass of every WS convolution can be computed two ways
+(`CONV_GRAD_IMPLS`), with identical forward values: "xla" (autodiff of the ops above) or
+"matmul" (`conv_grad`: weight gradients and weight-standardisation sums as matrix products,
+the fast path on XLA:CPU). "auto" resolves per backend (`default_conv_grad`).
 """
 import contextlib
 from collections.abc import Iterator
@@ -15,40 +20,77 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from nfnets_jax import conv_grad
+
+
+class _BackendChoice:
+    """A named implementation choice: valid names, a per-backend "auto", a forcing context."""
+
+    def __init__(self, what: str, options: tuple[str, ...], defaults: dict[str, str],
+                 fallback: str):
+        self.what, self.options = what, options
+        self.defaults, self.fallback = defaults, fallback
+        self.forced_stack: list[str] = []
+
+    def default(self, backend: str | None = None) -> str:
+        return self.defaults.get(backend or jax.default_backend(), self.fallback)
+
+    def resolve(self, name: str) -> str:
+        if name != "auto" and name not in self.options:
+            raise ValueError(f"Unknown {self.what} {name!r}; valid: 'auto', "
+                             + ", ".join(repr(s) for s in self.options) + ".")
+        if self.forced_stack:
+            return self.forced_stack[-1]
+        return self.default() if name == "auto" else name
+
+    @contextlib.contextmanager
+    def forced(self, name: str) -> Iterator[None]:
+        self.forced_stack.append(self.resolve(name))
+        try:
+            yield
+        finally:
+            self.forced_stack.pop()
+
+
 GROUP_CONV_STRATEGIES = ("native", "split", "dense")
-# Fastest strategy per backend, measured with scripts/benchmark.py (README "Performance").
-# GPU/TPU: native grouped convolutions (not measured here; no accelerator was available).
-_DEFAULT_GROUP_CONV = {"cpu": "split"}
+CONV_GRAD_IMPLS = ("xla", "matmul")
+# Fastest choice per backend, measured with scripts/benchmark.py (README "Performance").
+# GPU/TPU keep native grouped convolutions and XLA's gradients (not measured here: no
+# accelerator was available).
+_GROUP_CONV = _BackendChoice("group_conv strategy", GROUP_CONV_STRATEGIES, {"cpu": "split"},
+                             "native")
+_CONV_GRAD = _BackendChoice("conv_grad implementation", CONV_GRAD_IMPLS, {"cpu": "matmul"},
+                            "xla")
 
 
 def default_group_conv(backend: str | None = None) -> str:
     """The grouped-conv strategy "auto" resolves to on `backend` (default: jax's)."""
-    return _DEFAULT_GROUP_CONV.get(backend or jax.default_backend(), "native")
-
-
-_FORCED: list[str] = []
-
-
-@contextlib.contextmanager
-def forced_group_conv(strategy: str) -> Iterator[None]:
-    """Within the context, every grouped convolution traced uses `strategy`."""
-    _FORCED.append(resolve_group_conv(strategy))
-    try:
-        yield
-    finally:
-        _FORCED.pop()
+    return _GROUP_CONV.default(backend)
 
 
 def resolve_group_conv(strategy: str) -> str:
     """Validates a strategy name and resolves "auto" (and any forced override)."""
-    if strategy != "auto" and strategy not in GROUP_CONV_STRATEGIES:
-        raise ValueError(f"Unknown group_conv strategy {strategy!r}; valid: 'auto', "
-                         + ", ".join(repr(s) for s in GROUP_CONV_STRATEGIES) + ".")
-    if _FORCED:
-        return _FORCED[-1]
-    if strategy == "auto":
-        return default_group_conv()
-    return strategy
+    return _GROUP_CONV.resolve(strategy)
+
+
+def forced_group_conv(strategy: str) -> contextlib.AbstractContextManager[None]:
+    """Within the context, every grouped convolution traced uses `strategy`."""
+    return _GROUP_CONV.forced(strategy)
+
+
+def default_conv_grad(backend: str | None = None) -> str:
+    """The convolution-gradient implementation "auto" resolves to on `backend`."""
+    return _CONV_GRAD.default(backend)
+
+
+def resolve_conv_grad(impl: str) -> str:
+    """Validates an implementation name and resolves "auto" (and any forced override)."""
+    return _CONV_GRAD.resolve(impl)
+
+
+def forced_conv_grad(impl: str) -> contextlib.AbstractContextManager[None]:
+    """Within the context, every WS convolution traced uses the `impl` backward pass."""
+    return _CONV_GRAD.forced(impl)
 
 
 def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
@@ -71,12 +113,21 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
 
 
 def grouped_conv(x: jax.Array, w: jax.Array, stride: int, groups: int,
-                 strategy: str = "native") -> jax.Array:
-    """NHWC x HWIO convolution with TF-style SAME padding and `groups` feature groups."""
+                 strategy: str = "native", grad: str = "xla") -> jax.Array:
+    """NHWC x HWIO convolution with TF-style SAME padding and `groups` feature groups.
+
+    `grad="matmul"` computes the backward pass of every ungrouped convolution (all of them
+    under "split" and "dense") with `conv_grad.conv2d_same`.
+    """
     strategy = resolve_group_conv(strategy)
-    conv = lambda lhs, rhs, g=1: jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides=(stride, stride), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
+    matmul_grad = resolve_conv_grad(grad) == "matmul"
+
+    def conv(lhs, rhs, g=1):
+        if g == 1 and matmul_grad:
+            return conv_grad.conv2d_same(lhs, rhs, stride)
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides=(stride, stride), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
     if groups == 1 or strategy == "native":
         return conv(x, w, groups)
     if strategy == "split":
@@ -96,12 +147,14 @@ class WSConv2D(hk.Module):
     """2-D convolution with scaled weight standardisation, a learned gain and a bias.
 
     Parameters: `w` (HWIO, VarianceScaling(1, fan_in, normal)), `gain` (O,) = 1,
-    `bias` (O,) = 0. Padding is TF-style SAME.
+    `bias` (O,) = 0. Padding is TF-style SAME. `group_conv` picks the grouped-convolution
+    strategy and `conv_grad` the backward-pass implementation (module docstring).
     """
 
     def __init__(self, output_channels: int, kernel_shape: int = 1, stride: int = 1,
                  feature_group_count: int = 1, with_bias: bool = True, eps: float = 1e-4,
-                 eps_mode: str = "max", group_conv: str = "auto", name: str | None = None):
+                 eps_mode: str = "max", group_conv: str = "auto", conv_grad: str = "auto",
+                 name: str | None = None):
         super().__init__(name=name)
         self.output_channels = output_channels
         self.kernel_shape = kernel_shape
@@ -111,6 +164,8 @@ class WSConv2D(hk.Module):
         self.eps = eps
         self.eps_mode = eps_mode
         self.group_conv = group_conv
+        self.conv_grad = conv_grad
+        resolve_conv_grad(conv_grad)
         if output_channels % feature_group_count:
             raise ValueError(f"output_channels={output_channels} is not divisible by "
                              f"feature_group_count={feature_group_count}.")
@@ -125,8 +180,10 @@ class WSConv2D(hk.Module):
         w_init = hk.initializers.VarianceScaling(1.0, "fan_in", "normal")
         w = hk.get_parameter("w", w_shape, x.dtype, init=w_init)
         gain = hk.get_parameter("gain", (self.output_channels,), w.dtype, init=jnp.ones)
-        w_hat = standardize_weight(w, gain, self.eps, self.eps_mode)
-        out = grouped_conv(x, w_hat, self.stride, self.groups, self.group_conv)
+        grad = resolve_conv_grad(self.conv_grad)
+        ws = conv_grad.standardize_weight if grad == "matmul" else standardize_weight
+        w_hat = ws(w, gain, self.eps, self.eps_mode)
+        out = grouped_conv(x, w_hat, self.stride, self.groups, self.group_conv, grad)
         if self.with_bias:
             out = out + hk.get_parameter("bias", (self.output_channels,), out.dtype,
                                          init=jnp.zeros)

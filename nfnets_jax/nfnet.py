@@ -178,6 +178,9 @@ class NFNet(hk.Module):
       final_conv_ch: overrides `final_conv_mult` when given.
       use_two_convs: the second grouped 3x3 conv (conv1b) of each block.
       group_conv: grouped-convolution strategy, see `layers.GROUP_CONV_STRATEGIES`.
+      conv_grad: backward-pass implementation of the convolutions, see
+        `layers.CONV_GRAD_IMPLS` ("auto": "matmul" on CPU, "xla" elsewhere); forward values
+        do not depend on it.
       numerics: "reference" (tanh GELU, WS eps 1e-4 as a max) or "timm" (erf GELU, WS eps
         1e-5 added to the variance), to reproduce timm's logits for converted weights.
       in_channels: image channels the stem expects.
@@ -192,7 +195,7 @@ class NFNet(hk.Module):
                  fc_init: hk.initializers.Initializer | None = None,
                  final_conv_mult: float = 2, final_conv_ch: int | None = None,
                  use_two_convs: bool = True, group_conv: str = "auto",
-                 numerics: str = "reference", in_channels: int = 3,
+                 conv_grad: str = "auto", numerics: str = "reference", in_channels: int = 3,
                  depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
                  group_width: int = 128, name: str = "NFNet"):
         super().__init__(name=name)
@@ -200,6 +203,7 @@ class NFNet(hk.Module):
         if numerics not in NUMERICS:
             raise ValueError(f"Unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}.")
         layers.resolve_group_conv(group_conv)
+        layers.resolve_conv_grad(conv_grad)
         gelu_name, ws_eps, ws_eps_mode = NUMERICS[numerics]
         if activation == "gelu":
             activation = gelu_name
@@ -216,7 +220,8 @@ class NFNet(hk.Module):
         if len(depths) != len(STRIDES) or len(widths) != len(STRIDES):
             raise ValueError(f"depths and widths need {len(STRIDES)} stages, got "
                              f"{depths} and {widths}.")
-        conv_kwargs = dict(eps=ws_eps, eps_mode=ws_eps_mode, group_conv=group_conv)
+        conv_kwargs = dict(eps=ws_eps, eps_mode=ws_eps_mode, group_conv=group_conv,
+                           conv_grad=conv_grad)
         conv = lambda ch, k, stride, nm: layers.WSConv2D(ch, k, stride, name=nm, **conv_kwargs)
 
         self.stem = [conv(16, 3, 2, "stem_conv0"), conv(32, 3, 1, "stem_conv1"),

@@ -32,12 +32,13 @@ class NFResBlock(hk.Module):
                  stride: int = 1, beta: float = 1.0, alpha: float = 0.2,
                  activation: str = "relu", use_se: bool = False, se_ratio: float = 0.25,
                  stochdepth_rate: float = 0.0, group_conv: str = "auto",
-                 name: str | None = None):
+                 conv_grad: str = "auto", name: str | None = None):
         super().__init__(name=name)
         self.activation = activations.get(activation)
         self.beta, self.alpha, self.stochdepth_rate = beta, alpha, stochdepth_rate
         width = int(out_ch * bottleneck_ratio)
-        conv = lambda ch, k, s, nm: layers.WSConv2D(ch, k, s, group_conv=group_conv, name=nm)
+        conv = lambda ch, k, s, nm: layers.WSConv2D(ch, k, s, group_conv=group_conv,
+                                                    conv_grad=conv_grad, name=nm)
         self.conv0 = conv(width, 1, 1, "conv0")
         self.conv1 = conv(width, 3, stride, "conv1")
         self.conv2 = conv(out_ch, 1, 1, "conv2")
@@ -74,6 +75,7 @@ class NFResNet(hk.Module):
       fc_init: classifier weight initialiser; default N(0, 0.01).
       use_se, se_ratio: squeeze-excite in every block.
       group_conv: accepted for symmetry with NFNet (NF-ResNets have no grouped convs).
+      conv_grad: backward-pass implementation of the convolutions (`layers.CONV_GRAD_IMPLS`).
       in_channels: image channels the stem expects.
       depths: overrides the variant's depth pattern.
       name: root module name, "NF_ResNet" as in the reference.
@@ -83,7 +85,7 @@ class NFResNet(hk.Module):
                  alpha: float = 0.2, stochdepth_rate: float = 0.1, drop_rate: float = 0.0,
                  activation: str = "relu", fc_init: hk.initializers.Initializer | None = None,
                  use_se: bool = False, se_ratio: float = 0.25, group_conv: str = "auto",
-                 in_channels: int = 3, depths: Sequence[int] | None = None,
+                 conv_grad: str = "auto", in_channels: int = 3, depths: Sequence[int] | None = None,
                  name: str = "NF_ResNet"):
         super().__init__(name=name)
         depths = list(depths or nfnet.check_variant(variant, VARIANTS)["depth"])
@@ -92,7 +94,8 @@ class NFResNet(hk.Module):
         self.activation = activations.get(activation)
         self.drop_rate, self.in_channels = drop_rate, in_channels
         ch = int(16 * width)
-        self.initial_conv = layers.WSConv2D(ch, 7, 2, with_bias=False, name="initial_conv")
+        self.initial_conv = layers.WSConv2D(ch, 7, 2, with_bias=False, conv_grad=conv_grad,
+                                            name="initial_conv")
         self.blocks, self.stage_ends = [], []
         betas = [1.0 / s for s in nfnet.expected_stds(depths, alpha)]
         num_blocks, index = sum(depths), 0
@@ -102,7 +105,7 @@ class NFResNet(hk.Module):
                     ch, base * width, stride=stride if block_index == 0 else 1,
                     beta=betas[index], alpha=alpha, activation=activation, use_se=use_se,
                     se_ratio=se_ratio, stochdepth_rate=stochdepth_rate * index / num_blocks,
-                    group_conv=group_conv,
+                    group_conv=group_conv, conv_grad=conv_grad,
                     name="nf_res_block" if index == 0 else f"nf_res_block_{index}"))
                 ch = base * width
                 index += 1

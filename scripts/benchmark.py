@@ -3,6 +3,8 @@ r"""Times NFNet inference and training steps, optionally side by side with timm.
   # F0 on CPU against timm's dm_nfnet_f0 (README "Performance"):
   python scripts/benchmark.py --variant=F0 --batch_size=8 --inference_resolution=192 \
       --train_resolution=128 --compare=timm --repeats=5
+  # Convolution backward passes side by side (training step, against timm):
+  python scripts/benchmark.py --modes=train --conv_grad=xla,matmul --compare=timm
   # Grouped-convolution strategies side by side, with the optimizer's share:
   python scripts/benchmark.py --group_conv=native,split,dense \
       --modes=init,inference,train,grad,optimizer --json=/tmp/strategies.json
@@ -31,6 +33,8 @@ _TRAIN_RES = flags.DEFINE_integer("train_resolution", None,
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(benchmarking.DTYPES), "Compute dtype.")
 _GROUP_CONV = flags.DEFINE_list("group_conv", ["auto"],
                                 "Grouped-conv strategies to compare: auto,native,split,dense.")
+_CONV_GRAD = flags.DEFINE_list("conv_grad", ["auto"], "Convolution backward passes to "
+                               "compare: auto,xla,matmul.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Per-block rematerialisation: false, true or "
                            "both (false,true).")
 _DONATE = flags.DEFINE_list("donate", ["true"], "Donate params and optimizer state to the "
@@ -64,7 +68,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--json: directory {json_dir!r} does not exist.")
     res = _RESOLUTION.value
     configs = benchmarking.build_configs(
-        group_convs=_GROUP_CONV.value, remats=[_bool(r, "remat") for r in _REMAT.value],
+        group_convs=_GROUP_CONV.value, conv_grads=_CONV_GRAD.value,
+        remats=[_bool(r, "remat") for r in _REMAT.value],
         donates=[_bool(d, "donate") for d in _DONATE.value],
         variant=_VARIANT.value, batch_size=_BATCH.value,
         inference_resolution=_INFER_RES.value or res or 192,

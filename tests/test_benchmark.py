@@ -46,13 +46,15 @@ def check_row(row: dict, macs: int) -> None:
 @pytest.mark.slow
 def test_jax_benchmark_tiny_reports_sane_rows(tmp_path):
     # Same programs as the script test below, which then finds them in the compilation cache.
-    config = tiny_config(modes=("inference", "train", "optimizer"), group_conv="native")
+    config = tiny_config(modes=("inference", "train", "optimizer"), group_conv="native",
+                         conv_grad="matmul")
     result = benchmarking.run([config])
     rows = {r["mode"]: r for r in result["rows"]}
     assert set(rows) == {"inference", "train", "optimizer"}
     macs = tiny_macs()
     for row in rows.values():
         assert row["framework"] == "jax" and row["group_conv"] == "native"
+        assert row["conv_grad"] == "matmul"
         check_row(row, macs)
     assert rows["inference"]["resolution"] == 32 and rows["train"]["batch_size"] == 2
     assert rows["train"]["xla_memory_bytes"] > 0
@@ -74,7 +76,7 @@ def test_script_compare_timm_tiny(tmp_path):
     path = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--resolution=32",
            "--batch_size=2", "--repeats=2", "--warmup=0", "--modes=inference,train",
-           "--group_conv=native", "--compare=timm", f"--json={path}",
+           "--group_conv=native", "--conv_grad=matmul", "--compare=timm", f"--json={path}",
            "--model_kwargs=" + json.dumps(TINY)]
     env = dict(os.environ)
     # Reuse the test session's compilation cache (conftest) in the subprocess.
@@ -94,7 +96,9 @@ def test_script_compare_timm_tiny(tmp_path):
         check_row(row, macs)
         assert len(row["times_s"]) == 2
     assert {r["mode"] for r in result["ratios"]} == {"inference", "train"}
+    assert {r["conv_grad"] for r in result["rows"]} == {"matmul", "-"}
     for ratio in result["ratios"]:
+        assert ratio["conv_grad"] == "matmul"
         assert ratio["ratio"] == pytest.approx(ratio["jax_s"] / ratio["timm_s"])
         assert ratio["paired_ratio"] > 0
     assert result["environment"]["torch_threads"] == benchmarking.cpu_cores()
@@ -139,6 +143,8 @@ def test_config_validation_names_the_problem():
         tiny_config(dtype="float16")
     with pytest.raises(ValueError, match="Unknown group_conv strategy 'grouped'"):
         tiny_config(group_conv="grouped")
+    with pytest.raises(ValueError, match="Unknown conv_grad implementation 'cudnn'"):
+        tiny_config(conv_grad="cudnn")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         tiny_config(batch_size=0)
     with pytest.raises(ValueError, match="Unknown variant 'F9'"):
@@ -158,3 +164,6 @@ def test_build_configs_crosses_strategies_and_remat():
     assert [(c.group_conv, c.remat) for c in configs] == [
         ("native", False), ("native", True), ("dense", False), ("dense", True)]
     assert all(c.batch_size == 4 for c in configs)
+    configs = benchmarking.build_configs(["split"], conv_grads=["xla", "matmul"])
+    assert [(c.group_conv, c.conv_grad) for c in configs] == [("split", "xla"),
+                                                              ("split", "matmul")]

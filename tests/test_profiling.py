@@ -1,0 +1,77 @@
+"""Tests of the per-op-kind step profile (nfnets_jax/profiling.py, scripts/profile_step.py)."""
+import dataclasses
+import importlib.util
+import os
+
+import pytest
+
+from nfnets_jax import benchmarking, profiling
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(widths=[32, 64, 128, 128], group_width=16, depths=[1, 1, 1, 1])
+
+HLO = """HloModule m
+
+%fused_conv (p0: f32[8,8,8,4], p1: f32[3,3,4,4]) -> f32[8,8,8,4] {
+  %p0 = f32[8,8,8,4]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,4,4]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[8,8,8,4]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}, {CONV}
+}
+
+%wgrad (p0: f32[4,8,8,8], p1: f32[8,8,8,4]) -> f32[4,3,3,4] {
+  %p0 = f32[4,8,8,8]{3,2,1,0} parameter(0)
+  %p1 = f32[8,8,8,4]{3,2,1,0} parameter(1)
+  ROOT %convolution.2 = f32[4,3,3,4]{3,2,1,0} convolution(%p0, %p1), window={size=8x8}, {CONV}
+}
+
+ENTRY %main (a: f32[8,8,8,4], b: f32[3,3,4,4]) -> f32[8,8,8,4] {
+  %a = f32[8,8,8,4]{3,2,1,0} parameter(0)
+  %b = f32[3,3,4,4]{3,2,1,0} parameter(1)
+  %ynn_fusion.3 = f32[8,8,8,4]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_conv
+  %ynn_fusion.4 = f32[4,3,3,4]{3,2,1,0} fusion(%a, %a), kind=kCustom, calls=%wgrad
+  %dot.5 = f32[4,4]{1,0} dot(%b, %b), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  %concatenate.6 = f32[8,8,8,8]{3,2,1,0} concatenate(%a, %a), dimensions={3}
+  ROOT %transpose_copy_fusion.7 = f32[8,8,8,4]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_conv
+}
+""".replace("{CONV}", "dim_labels=b01f_01io->b01f")
+
+
+def test_categorize_reads_the_hlo():
+    instructions, computations = profiling.hlo_index(HLO)
+    cat = lambda name: profiling.categorize(name, instructions, computations)
+    assert cat("ynn_fusion.3") == "conv 3x3"
+    assert cat("ynn_fusion.4") == "conv weight-grad (XLA)"
+    assert cat("dot.5") == "dot"
+    assert cat("concatenate.6") == "concatenate"
+    assert cat("not_in_the_module") == "other"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", os.path.join(REPO, "scripts", "profile_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_profile_step_tiny_shows_what_matmul_grads_remove():
+    script = _load_script()
+    base = benchmarking.BenchmarkConfig(batch_size=2, train_resolution=32, model_kwargs=TINY,
+                                        group_conv="split")
+    results = {impl: script.profile_one(dataclasses.replace(base, conv_grad=impl), "grad", 1)
+               for impl in ("xla", "matmul")}
+    for result in results.values():
+        assert result["wall_s"] > 0 and result["thunk_s"] > 0
+        shares = [row["share"] for row in result["categories"]]
+        assert sum(shares) == pytest.approx(1.0)
+        assert shares == sorted(shares, reverse=True)
+        assert any(row["category"].startswith("conv 3x3") for row in result["categories"])
+        text = profiling.format_profile(result, "tiny")
+        assert "wall time per call" in text and "conv 3x3" in text
+    categories = lambda impl: {row["category"] for row in results[impl]["categories"]}
+    # XLA's autodiff computes weight gradients as feature-map-sized convolutions; the
+    # matmul backward pass has none of them, and matrix products instead.
+    assert "conv weight-grad (XLA)" in categories("xla")
+    assert "conv weight-grad (XLA)" not in categories("matmul")
+    assert "dot" in categories("matmul")
