@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: NFNet or NFResNet; `model` holds its constructor arguments.
     config.model_name = "NFNet"
     config.model = ml_collections.ConfigDict(dict(
-        variant="F0",
+        variant="F0",  # F0-F7, F0+-F7+ (nfnet.VARIANTS); checked before anything runs.
         width=1.0,
         se_ratio=0.5,
         alpha=0.2,
@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
         activation="gelu",
         numerics="reference",
         group_conv="auto",
+        conv_grad="auto",  # Backward pass: "matmul" on CPU, "xla" elsewhere.
         final_conv_mult=2.0,
         use_two_convs=True,
         depths=config_dict.placeholder(tuple),  # None = the variant's; small models only.

@@ -24,6 +24,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = configlib.parse_arg(arg, dict(
         dataset="", variant="F0", checkpoint="", batch_size=256, epochs=10.0, lr=0.01,
         image_size=0))
+    configlib.check_variant("NFNet", args["variant"])
     config = configlib.load_config_file(configlib.sibling(__file__, "default.py"))
     config.dataset = args["dataset"] or "folder:/path/to/dataset"
     config.init_checkpoint = args["checkpoint"] or args["variant"]

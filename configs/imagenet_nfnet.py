@@ -14,7 +14,7 @@ dropout and RandAugment magnitude from `nfnets_jax.nfnet.VARIANTS`.
 """
 import ml_collections
 
-from nfnets_jax import configlib, nfnet
+from nfnets_jax import configlib
 
 SAM_VARIANTS = ("F6",)
 
@@ -23,15 +23,12 @@ def get_config(arg: str = "F0") -> ml_collections.ConfigDict:
     """Returns the ImageNet config of one NFNet variant."""
     args = configlib.parse_arg(arg, dict(variant="F0", batch_size=4096, sam=""),
                                positional="variant")
-    if args["variant"] not in nfnet.VARIANTS:
-        raise ValueError(f"Unknown NFNet variant {args['variant']!r}; valid: "
-                         f"{', '.join(nfnet.VARIANTS)}.")
+    configlib.check_variant("NFNet", args["variant"])
     config = configlib.load_config_file(configlib.sibling(__file__, "default.py"))
     config.dataset = "imagenet2012"
     config.num_train_examples = 1_281_167
     config.model.variant = args["variant"]
     config.batch_size = args["batch_size"]
-    sam = args["sam"].lower()
-    config.sam.enabled = (args["variant"] in SAM_VARIANTS if sam == ""
-                          else sam in ("1", "true", "yes"))
+    config.sam.enabled = (args["variant"] in SAM_VARIANTS if args["sam"] == ""
+                          else configlib.parse_bool(args["sam"], "sam"))
     return config

@@ -12,7 +12,7 @@ larger batches.
 """
 import ml_collections
 
-from nfnets_jax import configlib, nfresnet
+from nfnets_jax import configlib
 
 
 def get_config(arg: str = "ResNet50") -> ml_collections.ConfigDict:
@@ -20,9 +20,7 @@ def get_config(arg: str = "ResNet50") -> ml_collections.ConfigDict:
     args = configlib.parse_arg(
         arg, dict(variant="ResNet50", batch_size=4096, clipping=0.01, epochs=360.0),
         positional="variant")
-    if args["variant"] not in nfresnet.VARIANTS:
-        raise ValueError(f"Unknown NF-ResNet variant {args['variant']!r}; valid: "
-                         f"{', '.join(nfresnet.VARIANTS)}.")
+    configlib.check_variant("NFResNet", args["variant"])
     config = configlib.load_config_file(configlib.sibling(__file__, "default.py"))
     config.dataset = "imagenet2012"
     config.num_train_examples = 1_281_167
@@ -38,6 +36,7 @@ def get_config(arg: str = "ResNet50") -> ml_collections.ConfigDict:
         use_se=False,
         se_ratio=0.25,
         group_conv="auto",
+        conv_grad="auto",  # Backward pass: "matmul" on CPU, "xla" elsewhere.
         depths=ml_collections.config_dict.placeholder(tuple),  # None = the variant's.
     ))
     config.augment.randaug_layers = 0

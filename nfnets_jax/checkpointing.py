@@ -6,10 +6,14 @@ input pipeline is deterministic given its seed and resumes at `start_step=step`.
 
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact and the partial one is never restored.
+A restore checks every array's shape against the template (orbax itself would return the
+saved shapes). The run's config record (`config.json`) is written with `write_json_atomic`.
 """
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from typing import Any
 
 import jax
@@ -58,14 +62,57 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: if there is no checkpoint to restore.
+          ValueError: if the checkpoint's structure or array shapes differ from `template`'s.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         template = jax.tree.map(np.asarray, template)
-        return self._manager.restore(int(step), args=ocp.args.StandardRestore(template))
+        restored = self._manager.restore(int(step), args=ocp.args.StandardRestore(template))
+        expected = jax.tree_util.tree_flatten_with_path(template)[0]
+        mismatched = [f"{jax.tree_util.keystr(path)}: {np.shape(got)} saved, {want.shape} "
+                      "expected" for (path, want), got
+                      in zip(expected, jax.tree.leaves(restored), strict=True)
+                      if np.shape(got) != want.shape]
+        if mismatched:
+            raise ValueError(
+                f"Checkpoint {step} in {self.directory} does not fit the model being trained "
+                f"({len(mismatched)} arrays differ in shape): {'; '.join(mismatched[:5])}. "
+                "It was written by a run with another model config; resume with that config "
+                "or start a new run in a new workdir.")
+        return restored
 
     def close(self) -> None:
         """Waits for pending writes and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes `obj` as JSON to `path` atomically: a temporary file, then `os.replace`.
+
+    Readers see the old file or the complete new one, never a partial write; on any error
+    the old file is left as it was.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Same directory (os.replace must not cross file systems); open() keeps the umask's mode.
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str) -> Any | None:
+    """The JSON object in `path`, or None if the file does not exist."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None

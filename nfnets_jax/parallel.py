@@ -9,6 +9,7 @@ Keeping every pmap-aware helper in this one module keeps a later move to `jit` +
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -29,10 +30,12 @@ def initialize_distributed(
 ) -> None:
     """Starts `jax.distributed` when this run spans several processes.
 
-    Does nothing for a single-process run (no arguments, `auto` False and no Slurm / Open MPI
-    / GKE TPU environment). On TPU pod slices and Slurm / Open MPI clusters JAX discovers the
-    coordinator and layout itself: pass `auto=True` (Slurm and Open MPI jobs are detected
-    without it). Elsewhere pass the coordinator and the process layout.
+    Does nothing for a single-process run (no arguments, `auto` False, and not one of several
+    TPU pod workers, tasks of a Slurm `srun` step or `mpirun` ranks). On TPU pod slices and
+    Slurm / Open MPI clusters JAX discovers the coordinator and layout itself: pass
+    `auto=True` (multi-task `srun` steps and `mpirun` jobs are detected without it; a plain
+    `python` inside an `sbatch` script or `salloc` shell stays single-process whatever
+    `SLURM_NTASKS` says). Elsewhere pass the coordinator and the process layout.
 
     Args:
       coordinator_address: `host:port` of process 0's coordinator service, or None.
@@ -59,13 +62,29 @@ def initialize_distributed(
         jax.distributed.initialize()
 
 
+def _env_count(name: str) -> int:
+    """A process-count environment variable as an int; 1 if unset or not an integer."""
+    value = os.environ.get(name, "1")
+    try:
+        return int(value)
+    except ValueError:
+        logging.warning("Ignoring %s=%r: not an integer.", name, value)
+        return 1
+
+
 def _in_cluster_environment() -> bool:
-    """Whether JAX can auto-detect a multi-process layout (TPU pod, Slurm, Open MPI)."""
+    """Whether this process is one of several that JAX can auto-detect.
+
+    TPU pod slices list their workers; Open MPI's `mpirun` sets the world size. For Slurm,
+    only `srun` starts the tasks of a job step (and sets `SLURM_STEP_NUM_TASKS` with the
+    step variables JAX reads); a job's `SLURM_NTASKS` alone is also set in an `sbatch`
+    script or `salloc` shell, where a plain `python ...` is a single process.
+    """
     if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if _env_count("SLURM_STEP_NUM_TASKS") > 1:
         return True
-    return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    return _env_count("OMPI_COMM_WORLD_SIZE") > 1
 
 
 def per_device_batch_size(global_batch_size: int) -> int:

@@ -10,9 +10,10 @@ weight decay -> Nesterov SGD on the averaged float32 gradient (`nfnets_jax.optim
 SAM (`optax.contrib.sam`), an EMA of the parameters with decay min(0.99999, (1+t)/(10+t)),
 and evaluation of both raw and EMA weights on the whole eval split.
 
-Runs always resume from the newest checkpoint in the workdir; SIGTERM saves a checkpoint and
-exits cleanly; a non-finite loss stops the run with `NonFiniteLossError`, keeping the last good
-checkpoint.
+Runs always resume from the newest checkpoint in the workdir, after checking that the new
+config keeps the model and optimizer state of the saved one (`ConfigMismatchError` otherwise);
+SIGTERM saves a checkpoint and exits cleanly; a non-finite loss stops the run with
+`NonFiniteLossError`, keeping the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -35,15 +36,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from nfnets_jax import agc, checkpointing, nfnet, optim, parallel
+from nfnets_jax import agc, checkpointing, configlib, nfnet, optim, parallel
 from nfnets_jax import metrics as metrics_lib
 
 LR_BASE_BATCH_SIZE = 256
 NON_FINITE_MESSAGE = "Non-finite loss"
+CONFIG_RECORD = "config.json"
 
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when training produces a non-finite loss or gradient."""
+
+
+class ConfigMismatchError(ValueError):
+    """Raised when resuming a workdir with a config that changes the model or optimizer state."""
 
 
 class TrainState(NamedTuple):
@@ -78,12 +84,25 @@ class Plan:
 # ------------------------------------------------------------------------------------------
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks that need no data and no compilation: the model name and variant.
+
+    Raises:
+      ValueError: naming the valid model names or variants.
+    """
+    configlib.check_variant(config.model_name, config.model.variant)
+
+
 def variant_defaults(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Image sizes and RandAugment settings of the configured model variant.
 
     NFNet variants take theirs from `nfnet.VARIANTS`; NF-ResNets use 224 px for training
     and testing and RandAugment off, as in their paper.
+
+    Raises:
+      ValueError: for an unknown model name or variant (see `validate_config`).
     """
+    validate_config(config)
     if config.model_name == "NFNet":
         info = nfnet.VARIANTS[config.model.variant]
         return dict(train_imsize=info["train_imsize"], test_imsize=info["test_imsize"],
@@ -405,9 +424,14 @@ def make_eval_iterator(config: ml_collections.ConfigDict, plan: Plan,
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    """(num_classes, num_train_examples) of the configured dataset."""
+    """(num_classes, num_train_examples) of the configured dataset.
+
+    Also checks, at start-up, that the train and eval splits exist (a missing split raises
+    a ValueError naming the dataset, the split and the available splits).
+    """
     from nfnets_jax.data import pipeline
-    info = pipeline.dataset_info(config.dataset, data_dir(config))
+    info = pipeline.dataset_info(config.dataset, data_dir(config),
+                                 eval_split=config.eval_split or None)
     return info.num_classes, info.num_train
 
 
@@ -453,6 +477,64 @@ class _StopRequest:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def config_record(config: ml_collections.ConfigDict, plan: Plan) -> dict[str, Any]:
+    """What `config.json` holds: the resolved config, the derived plan and the device layout,
+    in JSON form (tuples become lists), as written and as read back."""
+    record = {"config": config.to_dict(), "plan": dataclasses.asdict(plan),
+              "devices": jax.device_count(), "processes": jax.process_count()}
+    return json.loads(json.dumps(record, default=str))
+
+
+def check_resume_config(workdir: str, record: Mapping[str, Any], checkpoint_step: int | None,
+                        allow_config_change: bool = False) -> None:
+    """Compares the workdir's `config.json` with a resuming run's record; writes nothing.
+
+    Call it before anything in the workdir is overwritten. Changes that keep the model and
+    the optimizer state structure (logging and eval frequency, more steps, data_dir,
+    learning rate...) are logged; the others (`configlib.resume_changes`) raise.
+
+    Args:
+      workdir: the run's working directory.
+      record: `config_record` of the new run.
+      checkpoint_step: the newest checkpoint in the workdir; None: nothing to resume, no check.
+      allow_config_change: log incompatible changes instead of raising (the restore still
+        fails if parameter or optimizer state shapes differ).
+
+    Raises:
+      ConfigMismatchError: naming each incompatible field with its saved and new values.
+    """
+    if checkpoint_step is None:
+        return
+    path = os.path.join(workdir, CONFIG_RECORD)
+    try:
+        saved = checkpointing.read_json(path)
+    except ValueError as e:  # Not JSON: written by something else, or before writes were atomic.
+        logging.warning("Cannot read %s (%s).", path, e)
+        saved = None
+    if saved is None:
+        logging.warning("No readable %s next to checkpoint %d: the config cannot be compared; "
+                        "the restore still checks array shapes.", path, checkpoint_step)
+        return
+    incompatible, harmless = configlib.resume_changes(saved, record)
+    if harmless:
+        logging.warning("Resuming checkpoint %d with changed settings: %s.", checkpoint_step,
+                        "; ".join(harmless))
+    if not incompatible:
+        return
+    details = "\n  ".join(incompatible)
+    if allow_config_change:
+        logging.warning("allow_config_change: resuming checkpoint %d although the model or "
+                        "optimizer config changed:\n  %s", checkpoint_step, details)
+        return
+    raise ConfigMismatchError(
+        f"{workdir} holds checkpoint {checkpoint_step} of a run whose config differs in fields "
+        f"that change the model or the optimizer state (saved -> new):\n  {details}\n"
+        "Resuming would restore incompatible state. Use a new --workdir to start a new run, "
+        f"or the saved values (in {path}) to resume this one; --allow_config_change "
+        "(allow_config_change=True) resumes anyway, if parameter and optimizer state shapes "
+        "still match.")
 
 
 def restore_or_create(config: ml_collections.ConfigDict, checkpointer: checkpointing.Checkpointer,
@@ -510,13 +592,20 @@ def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       step_hook: Callable[[int], None] | None = None) -> dict[str, Any]:
+                       step_hook: Callable[[int], None] | None = None,
+                       allow_config_change: bool = False) -> dict[str, Any]:
     """Trains and evaluates a model; resumes from the newest checkpoint in `workdir`.
+
+    Before anything is written, the config is validated (`validate_config`) and, when the
+    workdir holds a checkpoint, compared with the saved `config.json`
+    (`check_resume_config`); `config.json` is then rewritten atomically.
 
     Args:
       config: the training config (see configs/default.py).
       workdir: where checkpoints, TensorBoard events and metrics.jsonl go.
       step_hook: called with the step number before each step (for tests and tooling).
+      allow_config_change: resume even if the config changes the model or optimizer
+        (see `check_resume_config`).
 
     Returns:
       {"step", "train": last train metrics, "eval": raw-weight eval metrics,
@@ -525,7 +614,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Raises:
       NonFiniteLossError: if a step produced a non-finite loss or gradient.
-      ValueError: if `workdir` is a URL (gs://...): not supported yet.
+      ConfigMismatchError: if the workdir's checkpoint was written with a config that had
+        another model or optimizer state structure.
+      ValueError: if `workdir` is a URL (gs://...): not supported yet; for an unknown model
+        name or variant.
     """
     if "://" in workdir:
         # os.path would turn "gs://b/x" into a local "./gs:/b/x": checkpoints that vanish
@@ -533,6 +625,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise ValueError(f"workdir {workdir!r} is a URL; cloud storage workdirs are not "
                          "supported yet. Use a local or shared POSIX path (e.g. a mounted "
                          "bucket or NFS) visible to every host.")
+    validate_config(config)
     num_classes, num_train_examples = dataset_info(config)
     plan = make_plan(config, num_classes, num_train_examples)
     model = build_model(config, plan.num_classes)
@@ -540,13 +633,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     schedule = make_schedule(plan)
     policy = precision_policy(config)
     checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+    record = config_record(config, plan)
+    try:  # Every process checks (same files, same verdict); process 0 then writes.
+        check_resume_config(workdir, record, checkpointer.latest_step(), allow_config_change)
+    except BaseException:
+        checkpointer.close()
+        raise
     writer = metrics_lib.MetricWriter(workdir)
-
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump({"config": config.to_dict(), "plan": dataclasses.asdict(plan),
-                       "devices": jax.device_count(), "processes": jax.process_count()},
-                      f, indent=2, default=str)
+        checkpointing.write_json_atomic(os.path.join(workdir, CONFIG_RECORD), record)
     host_state = restore_or_create(config, checkpointer, model, optimizer, plan)
     step = int(host_state.step)
     state = parallel.replicate(host_state)

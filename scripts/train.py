@@ -5,10 +5,11 @@
       --config.data_dir=gs://bucket/tfds --config.batch_size=4096
 
 Run the same command with --distributed on every host of a TPU pod slice (JAX finds the
-other hosts itself; Slurm and Open MPI jobs need not even that flag).
-Elsewhere, multi-process runs pass --coordinator_address, --num_processes and --process_id.
-A run always resumes from the newest checkpoint in --workdir, which must be a local or shared
-POSIX path (gs:// URLs are refused).
+other hosts itself; multi-task `srun` steps of Slurm and `mpirun` jobs need not even that
+flag). Elsewhere, multi-process runs pass --coordinator_address, --num_processes and
+--process_id. A run always resumes from the newest checkpoint in --workdir, which must be a
+local or shared POSIX path (gs:// URLs are refused); resuming with a config that changes the
+model or the optimizer state is refused unless --allow_config_change is given.
 """
 import logging as py_logging
 
@@ -22,14 +23,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-process runs (not needed "
-    "on TPU pods, Slurm or Open MPI, where JAX discovers the layout).")
+    "on TPU pods, Slurm srun steps or Open MPI, where JAX discovers the layout).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Start jax.distributed with auto-detection of the hosts (TPU pod "
-    "slices; Slurm and Open MPI jobs are detected without this flag).")
+    "slices; multi-task Slurm srun steps and Open MPI jobs are detected without this flag).")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", None, "CPU collectives for multi-process CPU runs, e.g. 'gloo'.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume the checkpoint in --workdir even if the config "
+    "changes the model or optimizer state (array shapes must still match).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,10 +48,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_DropLibraryChatter())
+    train.validate_config(_CONFIG.value)  # Fail fast, before waiting for other hosts.
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     cpu_collectives=_CPU_COLLECTIVES.value,
                                     auto=_DISTRIBUTED.value)
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     for split in ("eval", "eval_ema"):
         if split in results:
             values = results[split]

@@ -163,3 +163,37 @@ def test_folder_without_a_split_never_substitutes_another(tmp_path):
   assert source.num_examples("val") == 2  # evaluation-only folders still work
   with pytest.raises(ValueError, match="has no split 'train'; available: \\['val'\\]"):
     source.num_examples(source.train_split)
+
+
+class NfnetsTrainOnlyToy(tfds.core.GeneratorBasedBuilder):
+  """A prepared TFDS dataset with a train split only (like tf_flowers)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, supervised_keys=("image", "label"),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 3)),
+            "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(4):
+      yield i, {"image": np.full((8, 8, 3), 60 * i, np.uint8), "label": i % 2}
+
+
+def test_tfds_missing_split_names_dataset_split_and_available_splits(tmp_path):
+  name, data_dir = "tfds:nfnets_train_only_toy", str(tmp_path)
+  with pytest.raises(ValueError) as err:  # The default eval split, 'validation', is absent.
+    pipeline.dataset_info(name, data_dir)
+  assert str(err.value).startswith(
+      "TFDS dataset 'tfds:nfnets_train_only_toy' has no split 'validation'; available "
+      "splits: train. Evaluate another split: set eval_split")
+  with pytest.raises(ValueError, match="has no split 'test'; available splits: train"):
+    pipeline.eval_iterator(name, data_dir=data_dir, split="train[:2]+test", **SMALL)
+  info = pipeline.dataset_info(name, data_dir, eval_split="train[:2]")
+  assert (info.num_classes, info.num_train, info.num_eval) == (2, 4, 2)

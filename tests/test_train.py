@@ -5,6 +5,7 @@ Compilations are the cost on a 2-core CPU, so the runs share one module-scoped b
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -279,3 +280,107 @@ def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="'gs://bucket/run' is a URL"):
         train.train_and_evaluate(config, "gs://bucket/run")
     assert os.listdir(tmp_path) == []  # no local "gs:" directory was created
+
+
+def test_bad_variant_fails_before_data_is_read_or_anything_written(tmp_path, monkeypatch):
+    def no_data(config):
+        raise AssertionError("the dataset was opened before the config was validated")
+
+    monkeypatch.setattr(train, "dataset_info", no_data)
+    with pytest.raises(ValueError, match="Unknown NFNet variant 'F9'; valid variants: F0, F0"):
+        train.train_and_evaluate(tiny_config(**{"model.variant": "F9"}), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_eval_split_fails_at_start_up():
+    with pytest.raises(ValueError, match=r"Dataset 'digits' has no split 'validation'; "
+                                         r"available: \['test', 'train'\]"):
+        train.dataset_info(tiny_config(eval_split="validation"))
+
+
+def _copy_workdir(baseline, tmp_path):
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(baseline[0], workdir)
+    return workdir
+
+
+def _snapshot(workdir):
+    return {name: open(os.path.join(workdir, name), "rb").read()
+            for name in ("config.json", "metrics.jsonl")}
+
+
+def test_resume_with_another_model_or_optimizer_is_refused_before_any_write(baseline,
+                                                                           tmp_path):
+    workdir = _copy_workdir(baseline, tmp_path)
+    before = _snapshot(workdir)
+    config = tiny_config(**{"model.widths": (64, 32, 32, 32), "sam.enabled": True,
+                            "log_every_steps": 2})
+    with pytest.raises(train.ConfigMismatchError) as info:
+        train.train_and_evaluate(config, workdir)
+    message = str(info.value)
+    assert "holds checkpoint 4" in message
+    assert "config.model.widths: [32, 32, 32, 32] -> [64, 32, 32, 32]" in message
+    assert "config.sam.enabled: False -> True" in message
+    assert "log_every_steps" not in message  # Harmless changes are not the problem.
+    assert "new --workdir" in message and "--allow_config_change" in message
+    assert _snapshot(workdir) == before  # config.json and metrics untouched.
+    assert checkpointing.Checkpointer(workdir).all_steps() == [2, 4]
+
+
+def test_resume_with_harmless_changes_rewrites_config_atomically(baseline, tmp_path,
+                                                                 monkeypatch):
+    workdir = _copy_workdir(baseline, tmp_path)
+    replaced = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        replaced.append((os.path.dirname(src), os.path.basename(dst)))
+        assert json.load(open(src))["config"]["log_every_steps"] == 3  # Complete first.
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "replace", spy)
+    config = tiny_config(log_every_steps=3, eval_every_steps=5, data_dir="/elsewhere/tfds")
+    results = train.train_and_evaluate(config, workdir)
+    assert results["step"] == 4  # Resumed at the end: nothing left to train.
+    assert replaced == [(workdir, "config.json")]
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)["config"]
+    assert (saved["log_every_steps"], saved["data_dir"]) == (3, "/elsewhere/tfds")
+    assert not [name for name in os.listdir(workdir) if ".tmp" in name]
+
+
+def test_check_resume_config_override_and_missing_record(tmp_path, caplog):
+    config = tiny_config()
+    plan = train.make_plan(config, 10, 1437)
+    saved = train.config_record(config, plan)
+    checkpointing.write_json_atomic(str(tmp_path / "config.json"), saved)
+    changed = train.config_record(tiny_config(**{"model.group_width": 8}), plan)
+    with pytest.raises(train.ConfigMismatchError, match="config.model.group_width: 16 -> 8"):
+        train.check_resume_config(str(tmp_path), changed, checkpoint_step=4)
+    train.check_resume_config(str(tmp_path), changed, checkpoint_step=None)  # Nothing saved.
+    with caplog.at_level("WARNING"):
+        train.check_resume_config(str(tmp_path), changed, 4, allow_config_change=True)
+    assert "config.model.group_width: 16 -> 8" in caplog.text
+    os.remove(tmp_path / "config.json")
+    train.check_resume_config(str(tmp_path), changed, checkpoint_step=4)  # Warns only.
+
+
+def test_write_json_atomic_leaves_the_old_file_on_failure(tmp_path):
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("cannot serialise")
+
+    path = str(tmp_path / "config.json")
+    checkpointing.write_json_atomic(path, {"a": 1})
+    with pytest.raises(RuntimeError, match="cannot serialise"):
+        checkpointing.write_json_atomic(path, {"a": 2, "b": "x" * 10_000, "c": Unprintable()})
+    assert checkpointing.read_json(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_restore_refuses_a_checkpoint_of_other_shapes(tmp_path):
+    checkpointer = checkpointing.Checkpointer(str(tmp_path))
+    checkpointer.save(1, {"head": {"w": np.zeros((4, 10), np.float32)}, "b": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"\['head'\]\['w'\]: \(4, 10\) saved, \(4, 5\) "
+                                         r"expected"):
+        checkpointer.restore({"head": {"w": np.zeros((4, 5), np.float32)}, "b": np.zeros(3)})

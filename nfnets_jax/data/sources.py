@@ -7,6 +7,8 @@ Names accepted by `get_source`:
     Kept in memory as uint8 RGB.
   * `imagenet2012`: the TFDS builder, prepared from the user's manual download.
   * `tfds:<name>`: any TFDS image-classification dataset (its supervised keys are used).
+    Asking for a split it lacks (e.g. the default eval split 'validation' of a dataset with
+    only 'train') raises a ValueError naming the dataset, the split and the splits it has.
   * `folder:<path>`: `<path>/train/<class>/<image>` plus `<path>/val/...` or
     `<path>/test/...`; class ids are the sorted class folder names of `train/`.
 
@@ -264,8 +266,24 @@ class TfdsSource:
                               "label": tf_runtime.import_tf().cast(ex[self.label_key],
                                                                    "int64")})
 
+  def check_split(self, split: str) -> None:
+    """Raises a ValueError naming the dataset, the missing split and the available ones if
+    `split` (or a part of a TFDS split expression like 'train[:90%]+test') does not exist."""
+    available = sorted(self.builder.info.splits or {})
+    if not available:  # Unknown, e.g. under tfds.testing.mock_data: TFDS decides.
+      return
+    for part in split.split("+"):
+      name = part.split("[", 1)[0].strip()
+      if name not in available and name != "all":
+        hint = "" if split == self.train_split else (
+            " Evaluate another split: set eval_split (--config.eval_split=<split> for the "
+            "trainer, `split=` of pipeline.eval_iterator).")
+        raise ValueError(f"TFDS dataset {self.name!r} has no split {name!r}; available "
+                         f"splits: {', '.join(available)}.{hint}")
+
   def num_examples(self, split: str) -> int:
     if split not in self._counts:
+      self.check_split(split)
       known = self.builder.info.splits[split].num_examples if split in (
           self.builder.info.splits or {}) else 0
       if not known:  # e.g. under tfds.testing.mock_data: ask the dataset itself.
