@@ -4,11 +4,13 @@ The forward passes here are exactly the ones in `layers` (same operations, same 
 only the backward passes differ, and only in how they are computed:
 
 - `conv2d_same`: NHWC x HWIO convolution with TF-style SAME padding. The weight gradient is
-  one matrix product, dW^T = G^T @ patches (patches: the K x K shifted input windows
-  concatenated along channels, K*K x the input's size). XLA:CPU otherwise lowers the weight
-  gradient to a convolution whose window is the whole feature map, plus transposes of both
-  operands into a (C, H, W, N) layout, several times slower. 1x1 stride-1 convolutions get
-  both gradients as plain matrix products.
+  computed with matrix products instead of the convolution XLA:CPU derives by autodiff (a
+  convolution whose window is the whole feature map, plus transposes of both operands into
+  a (C, H, W, N) layout, several times slower). Stride 1, K x K: the K horizontally shifted
+  copies of the padded input are concatenated along channels (K x the input's size), and
+  kernel row i is G_i^T @ that, where G_i is the output gradient shifted down by i rows
+  into the padded height (K products). Strided: one product with the full K*K patches.
+  1x1 stride-1 convolutions get both gradients as plain matrix products.
 - `standardize_weight`: scaled weight standardisation with a hand-written backward pass whose
   per-unit sums over the fan-in are matrix-vector products, instead of the column reductions
   that autodiff emits.
@@ -72,6 +74,15 @@ def _conv_bwd(stride, residuals, g):
     _, conv_vjp = jax.vjp(lambda lhs: _conv(lhs, w, stride, padding), x)
     dx, = conv_vjp(g)
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    if stride == 1:
+        # dW[i, j] = sum over (n, y, x) of xp[n, y + i, x + j]^T g[n, y, x]: shift the input
+        # by j (columns, concatenated) and the gradient by i (rows, zero-padded).
+        hp = xp.shape[1]
+        shifted = jnp.concatenate([xp[:, :, j:j + ow, :] for j in range(kw)], axis=-1)
+        rows = [_dot32(jnp.pad(g, ((0, 0), (i, hp - oh - i), (0, 0), (0, 0))), shifted,
+                       _CONTRACT_NHW) for i in range(kh)]  # Each (cout, kw * cin).
+        dw = jnp.stack(rows).reshape(kh, cout, kw, cin).transpose(0, 2, 3, 1)
+        return dx, dw.astype(w.dtype)
     taps = [lax.slice(xp, (0, i, j, 0),
                       (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, cin),
                       (1, stride, stride, 1))

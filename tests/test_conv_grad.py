@@ -13,7 +13,8 @@ def _max_rel(a, b):
 
 
 @pytest.mark.parametrize("size,kernel,stride", [
-    (9, 3, 1), (9, 3, 2), (8, 3, 2), (8, 1, 1), (8, 1, 2), (11, 7, 2), (6, 2, 2), (5, 3, 1)])
+    (9, 3, 1), (9, 3, 2), (8, 3, 2), (8, 1, 1), (8, 1, 2), (11, 7, 2), (6, 2, 2), (5, 3, 1),
+    (7, 2, 1), (6, 7, 1)])
 def test_conv2d_same_value_and_gradients_match_xla(size, kernel, stride):
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(size * kernel + stride), 3)
     x = jax.random.normal(kx, (2, size, size + 1, 5))
