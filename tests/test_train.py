@@ -84,12 +84,62 @@ def test_trains_with_finite_loss_and_identical_replicas(baseline):
         assert json.load(f)["plan"]["total_steps"] == 4
 
 
-def test_per_device_rngs_differ_and_ema_follows_formula():
-    keys = parallel.pmap(lambda k: jax.random.fold_in(
-        jax.random.wrap_key_data(k), parallel.device_index()))
-    raw = parallel.replicate(jax.random.key_data(jax.random.key(0)))
-    data = jax.device_get(jax.random.key_data(keys(raw)))
-    assert len({tuple(row) for row in data.reshape(data.shape[0], -1)}) == data.shape[0]
+def test_per_device_rngs_differ_and_ema_follows_formula(monkeypatch):
+    # The trainer's pmapped train_step on all 8 devices, the same images and labels on every
+    # device and dropout + stochastic depth on: only the per-device RNG can make the devices'
+    # losses and gradients differ. A spy on parallel.pmean (the step itself is unchanged)
+    # also returns each device's gradients and loss from before the cross-device mean.
+    config = tiny_config()
+    assert config.model.drop_rate > 0 and config.model.stochdepth_rate > 0
+    plan = train.make_plan(config, 10, 1437)
+    model = train.build_model(config, plan.num_classes)
+    optimizer = train.make_optimizer(config, plan)
+    real_pmean = parallel.pmean
+    pending = {}
+
+    def spy(tree):
+        if "loss" not in tree:  # The gradients (the step's first pmean): hold on to them.
+            pending["grads"] = tree
+            return real_pmean(tree)
+        return {**real_pmean(tree), "device_loss": tree["loss"],
+                "device_grads": pending.pop("grads")}
+
+    monkeypatch.setattr(parallel, "pmean", spy)
+    n = jax.local_device_count()
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((plan.per_device_batch_size, 32, 32, 3)).astype(np.float32)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, plan.per_device_batch_size)]
+    batch = jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape)),
+                         {"images": images, "labels": labels})
+
+    def run():
+        # A fresh state and a freshly traced step per run, as a new process would have.
+        # Bound as train_and_evaluate binds it (there with functools.partial).
+        p_train = parallel.pmap(lambda s, b, r: train.train_step(
+            s, b, r, model=model, optimizer=optimizer, schedule=train.make_schedule(plan),
+            policy=train.precision_policy(config), label_smoothing=config.label_smoothing,
+            max_ema_decay=config.ema_decay, use_sam=config.sam.enabled), donate_argnums=(0,))
+        state = parallel.replicate(train.create_train_state(model, optimizer, 32, config.seed))
+        return jax.device_get(p_train(state, parallel.shard(batch), parallel.per_device_value(0)))
+
+    state, metrics = run()
+    losses = metrics.pop("device_loss")
+    assert len(set(losses.tolist())) == n, losses
+    device_grads = metrics.pop("device_grads")
+    for path in ("NFNet/~/linear", "NFNet/~/stem_conv0"):
+        w = device_grads[path]["w"]
+        assert len({w[i].tobytes() for i in range(n)}) == n, path
+    # The update still uses the mean over devices: the replicas stay identical.
+    np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-6)
+    for leaf in jax.tree.leaves(state):
+        assert all(np.array_equal(leaf[0], leaf[i]) for i in range(1, n))
+    # Same seed, same batch: the per-device values and the new state are reproduced exactly.
+    state2, metrics2 = run()
+    assert_trees_equal(losses, metrics2.pop("device_loss"))
+    assert_trees_equal(device_grads, metrics2.pop("device_grads"))
+    assert_trees_equal(metrics, metrics2)
+    assert_trees_equal(state, state2)
+
     decays = np.asarray(train.ema_decay(np.arange(3), 0.99999))
     np.testing.assert_allclose(decays, [1 / 10, 2 / 11, 3 / 12], rtol=1e-6)
     assert float(train.ema_decay(np.asarray(10**7), 0.99999)) == pytest.approx(0.99999)
