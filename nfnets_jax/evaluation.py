@@ -74,8 +74,11 @@ def init_params(variant: str = "F0", num_classes: int = 1000, image_size: int = 
     return jax.tree.map(np.array, params)  # Writable host copies.
 
 
-def _batch_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Masked per-device sums: examples, top-1 / top-5 hits, cross-entropy."""
+def batch_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Masked sums over a batch: examples, top-1 / top-5 hits, cross-entropy (float32).
+
+    Padding examples (mask 0) count for nothing. Shared with the trainer's `eval_step`.
+    """
     logits = logits.astype(jnp.float32)
     mask = mask.astype(jnp.float32)
     k = min(5, logits.shape[-1])
@@ -95,7 +98,7 @@ def make_eval_step(apply_fn: ApplyFn) -> Callable[..., dict[str, jax.Array]]:
     """A pmapped step: (replicated params, sharded batch) -> global sums (replicated)."""
     def step(params: hk.Params, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         logits = apply_fn(params, batch["images"])
-        return parallel.psum(_batch_counts(logits, batch["labels"], batch["mask"]))
+        return parallel.psum(batch_counts(logits, batch["labels"], batch["mask"]))
 
     return parallel.pmap(step)
 

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from nfnets_jax import agc, checkpointing, configlib, nfnet, optim, parallel
+from nfnets_jax import agc, checkpointing, configlib, evaluation, nfnet, optim, parallel
 from nfnets_jax import metrics as metrics_lib
 
 LR_BASE_BATCH_SIZE = 256
@@ -354,16 +354,7 @@ def eval_step(params: hk.Params, batch: Mapping[str, jax.Array], *, model: hk.Tr
     outputs = model.apply(policy.cast_to_compute(params), None,
                           policy.cast_to_compute(batch["images"]), False)
     logits = policy.cast_to_output(outputs["logits"])
-    labels = batch["labels"].astype(jnp.int32)
-    mask = batch["mask"].astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    sums = {
-        "loss": jnp.sum(loss * mask),
-        "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
-        "count": jnp.sum(mask),
-    }
+    sums = evaluation.batch_counts(logits, batch["labels"].astype(jnp.int32), batch["mask"])
     return parallel.psum(sums)
 
 
