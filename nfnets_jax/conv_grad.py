@@ -96,7 +96,14 @@ def _conv_bwd(stride, residuals, g):
 conv2d_same.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _scale_terms(w, gain, eps, eps_mode):
+def ws_statistics(w: jax.Array, eps: float, eps_mode: str
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-unit (mean, fan_in * var, rsqrt of the epsilon-guarded fan_in * var) of HWIO `w`.
+
+    Weight standardisation is then (w - mean) * rsqrt * gain, computed as
+    `w * scale - mean * scale`; `layers.standardize_weight` and `standardize_weight` here
+    share these statistics.
+    """
     fan_in = w.shape[0] * w.shape[1] * w.shape[2]
     mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
     var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
@@ -113,13 +120,13 @@ def _scale_terms(w, gain, eps, eps_mode):
 def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
                        eps_mode: str = "max") -> jax.Array:
     """Same value as `layers.standardize_weight`; backward pass with matrix-vector sums."""
-    mean, _, rsqrt = _scale_terms(w, gain, eps, eps_mode)
+    mean, _, rsqrt = ws_statistics(w, eps, eps_mode)
     scale = rsqrt * gain
     return w * scale - mean * scale
 
 
 def _ws_fwd(w, gain, eps, eps_mode):
-    mean, sum_sq, rsqrt = _scale_terms(w, gain, eps, eps_mode)
+    mean, sum_sq, rsqrt = ws_statistics(w, eps, eps_mode)
     scale = rsqrt * gain
     return w * scale - mean * scale, (w, gain, mean, sum_sq, rsqrt)
 

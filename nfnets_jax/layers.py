@@ -100,15 +100,8 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
     Reference ("max"): (w - mean) * gain / sqrt(max(fan_in * var, eps)), fan_in = H*W*I.
     timm ("add"):      (w - mean) * gain / sqrt(fan_in * (var + eps)).
     """
-    fan_in = w.shape[0] * w.shape[1] * w.shape[2]
-    mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-    var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
-    if eps_mode == "max":
-        scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
-    elif eps_mode == "add":
-        scale = jax.lax.rsqrt((var + eps) * fan_in) * gain
-    else:
-        raise ValueError(f"eps_mode must be 'max' or 'add', got {eps_mode!r}.")
+    mean, _, rsqrt = conv_grad.ws_statistics(w, eps, eps_mode)
+    scale = rsqrt * gain
     return w * scale - mean * scale
 
 

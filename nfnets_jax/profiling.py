@@ -27,8 +27,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
-def hlo_index(hlo_text: str) -> tuple[dict[str, tuple[str, str]], dict[str, list[str]]]:
-    """({instruction: (opcode, called computation or "")}, {computation: body lines})."""
+def hlo_index(hlo_text: str) -> tuple[dict[str, tuple[str, str, str]], dict[str, list[str]]]:
+    """({instruction: (opcode, called computation or "", its line)}, {computation: lines})."""
     instructions, computations, current = {}, {}, None
     for line in hlo_text.splitlines():
         match = _COMPUTATION.match(line)
@@ -41,7 +41,8 @@ def hlo_index(hlo_text: str) -> tuple[dict[str, tuple[str, str]], dict[str, list
         match = _INSTRUCTION.match(line)
         if match:
             called = _CALLS.search(line)
-            instructions[match.group(1)] = (match.group(3), called.group(1) if called else "")
+            instructions[match.group(1)] = (match.group(3), called.group(1) if called else "",
+                                            line)
     return instructions, computations
 
 
@@ -68,15 +69,16 @@ def _conv_category(body: str) -> str:
     return label
 
 
-def categorize(name: str, instructions: dict[str, tuple[str, str]],
+def categorize(name: str, instructions: dict[str, tuple[str, str, str]],
                computations: dict[str, list[str]]) -> str:
     """The category of the thunk called `name` (see the module docstring)."""
     if name not in instructions:
         return "other"
-    opcode, called = instructions[name]
-    body = "\n".join(computations.get(called, [])) if called else ""
-    if opcode == "convolution" or "convolution(" in body:
-        return _conv_category(body or "")
+    opcode, called, line = instructions[name]
+    # A fusion is read through the computation it calls; a lone instruction through its line.
+    body = "\n".join(computations.get(called, [])) if called else line
+    if opcode == "convolution" or " convolution(" in body:
+        return _conv_category(body)
     if opcode == "dot" or " dot(" in body:
         return "dot"
     if opcode == "reduce" or " reduce(" in body:

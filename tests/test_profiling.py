@@ -29,6 +29,8 @@ ENTRY %main (a: f32[8,8,8,4], b: f32[3,3,4,4]) -> f32[8,8,8,4] {
   %b = f32[3,3,4,4]{3,2,1,0} parameter(1)
   %ynn_fusion.3 = f32[8,8,8,4]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_conv
   %ynn_fusion.4 = f32[4,3,3,4]{3,2,1,0} fusion(%a, %a), kind=kCustom, calls=%wgrad
+  %cv.8 = f32[8,8,8,4]{3,2,1,0} convolution(%a, %b), window={size=3x3 lhs_dilate=2x2},{CONV}
+  %cv.9 = f32[4,3,3,4]{3,2,1,0} convolution(%a, %a), window={size=8x8}, {CONV}
   %dot.5 = f32[4,4]{1,0} dot(%b, %b), lhs_contracting_dims={0}, rhs_contracting_dims={0}
   %concatenate.6 = f32[8,8,8,8]{3,2,1,0} concatenate(%a, %a), dimensions={3}
   ROOT %transpose_copy_fusion.7 = f32[8,8,8,4]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_conv
@@ -41,6 +43,9 @@ def test_categorize_reads_the_hlo():
     cat = lambda name: profiling.categorize(name, instructions, computations)
     assert cat("ynn_fusion.3") == "conv 3x3"
     assert cat("ynn_fusion.4") == "conv weight-grad (XLA)"
+    # Convolutions outside fusions are read from their own line.
+    assert cat("cv.8") == "conv 3x3 (input grad)"
+    assert cat("cv.9") == "conv weight-grad (XLA)"
     assert cat("dot.5") == "dot"
     assert cat("concatenate.6") == "concatenate"
     assert cat("not_in_the_module") == "other"
