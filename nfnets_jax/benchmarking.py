@@ -217,7 +217,10 @@ def time_round_robin(prepared: Sequence[Prepared], iters: int, repeats: int,
     """Warms up every measurement, then times them in turn, `repeats` rounds.
 
     Interleaving puts the measurements that are compared under the same background load
-    (the machine may be shared); each round gives every measurement one timed run.
+    (the machine may be shared); each round gives every measurement one timed run. The
+    order rotates from round to round, so that no measurement always follows the same
+    one (PyTorch's OpenMP threads spin for a while after a call and slow whatever runs
+    next; see `layer_benchmark.run`).
     """
     for item in prepared:
         for _ in range(warmup):
@@ -225,7 +228,8 @@ def time_round_robin(prepared: Sequence[Prepared], iters: int, repeats: int,
         if item.framework == "jax":
             item.memory = jax_peak_memory()
     for round_index in range(repeats):
-        for item in prepared:
+        shift = round_index % len(prepared)
+        for item in list(prepared[shift:]) + list(prepared[:shift]):
             seconds, item.carry = time_once(item.call, item.carry, iters)
             item.times.append(seconds)
         _LOG.info("round %d/%d: %s", round_index + 1, repeats,

@@ -3,17 +3,15 @@
 The forward passes here are exactly the ones in `layers` (same operations, same padding);
 only the backward passes differ, and only in how they are computed:
 
-- `conv2d_same`: NHWC x HWIO convolution with TF-style SAME padding. The weight gradient is
-  computed with matrix products instead of the convolution XLA:CPU derives by autodiff (a
-  convolution whose window is the whole feature map, plus transposes of both operands into
-  a (C, H, W, N) layout, several times slower). Stride 1, K x K: the K horizontally shifted
-  copies of the padded input are concatenated along channels (K x the input's size), and
-  kernel row i is G_i^T @ that, where G_i is the output gradient shifted down by i rows
-  into the padded height (K products). Strided: one product with the full K*K patches.
-  1x1 stride-1 convolutions get both gradients as plain matrix products.
-- `standardize_weight`: scaled weight standardisation with a hand-written backward pass whose
-  per-unit sums over the fan-in are matrix-vector products, instead of the column reductions
-  that autodiff emits.
+- `conv2d_same`: NHWC x HWIO convolution with TF-style SAME padding. 1x1 stride-1 kernels
+  (`conv1x1`) get both gradients as plain matrix products instead of the convolution
+  XLA:CPU derives by autodiff for the weight gradient (a convolution whose window is the
+  whole feature map, with both operands transposed into a (C, H, W, N) layout; 2x slower
+  for F0's 1x1 layers). Larger kernels keep XLA's gradients: K shifted-copy products were
+  faster in isolation for some layers but 4% slower in F0's whole training step.
+- `standardize_weight`: scaled weight standardisation with a hand-written backward pass: two
+  per-unit sums over the fan-in (of g and of g * w) and one elementwise pass, instead of
+  the chain of reductions and broadcasts that autodiff emits.
 
 Measured side by side on F0 (README "Performance"). Limitations: these are `jax.custom_vjp`
 functions, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) through them is
@@ -51,49 +49,37 @@ def _conv(x, w, stride, padding):
     return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_DIMS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv2d_same(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
-    """`lax.conv_general_dilated(x, w, (stride, stride), "SAME")` on NHWC / HWIO, one group."""
+    """`lax.conv_general_dilated(x, w, (stride, stride), "SAME")` on NHWC / HWIO, one group.
+
+    1x1 stride-1 kernels take `conv1x1` (matrix-product gradients); every other kernel is
+    the plain convolution with XLA's own gradients, which measured faster inside F0's
+    training step than K shifted-copy products.
+    """
+    if w.shape[:2] == (1, 1) and stride == 1:
+        return conv1x1(x, w)
     return _conv(x, w, stride, _padding(x.shape, w.shape, stride))
 
 
-def _conv_fwd(x, w, stride):
-    return conv2d_same(x, w, stride), (x, w)
+@jax.custom_vjp
+def conv1x1(x: jax.Array, w: jax.Array) -> jax.Array:
+    """1x1 stride-1 NHWC x HWIO convolution whose gradients are plain matrix products."""
+    return _conv(x, w, 1, ((0, 0), (0, 0)))
 
 
-def _conv_bwd(stride, residuals, g):
+def _conv1x1_fwd(x, w):
+    return conv1x1(x, w), (x, w)
+
+
+def _conv1x1_bwd(residuals, g):
     x, w = residuals
-    kh, kw, cin, cout = w.shape
-    n, oh, ow, _ = g.shape
-    if kh == kw == 1 and stride == 1:
-        w2 = w.reshape(cin, cout)
-        dx = _dot32(g, w2, (((3,), (1,)), ((), ()))).astype(x.dtype)
-        dw_t = _dot32(g, x, _CONTRACT_NHW)
-        return dx, dw_t.T.reshape(w.shape).astype(w.dtype)
-    padding = _padding(x.shape, w.shape, stride)
-    _, conv_vjp = jax.vjp(lambda lhs: _conv(lhs, w, stride, padding), x)
-    dx, = conv_vjp(g)
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    if stride == 1:
-        # dW[i, j] = sum over (n, y, x) of xp[n, y + i, x + j]^T g[n, y, x]: shift the input
-        # by j (columns, concatenated) and the gradient by i (rows, zero-padded).
-        hp = xp.shape[1]
-        shifted = jnp.concatenate([xp[:, :, j:j + ow, :] for j in range(kw)], axis=-1)
-        rows = [_dot32(jnp.pad(g, ((0, 0), (i, hp - oh - i), (0, 0), (0, 0))), shifted,
-                       _CONTRACT_NHW) for i in range(kh)]  # Each (cout, kw * cin).
-        dw = jnp.stack(rows).reshape(kh, cout, kw, cin).transpose(0, 2, 3, 1)
-        return dx, dw.astype(w.dtype)
-    taps = [lax.slice(xp, (0, i, j, 0),
-                      (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, cin),
-                      (1, stride, stride, 1))
-            for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
-    # G^T @ patches keeps the larger operand (patches) in its natural layout.
-    dw_t = _dot32(g, patches, _CONTRACT_NHW)
+    cin, cout = w.shape[2:]
+    dx = _dot32(g, w.reshape(cin, cout), (((3,), (1,)), ((), ()))).astype(x.dtype)
+    dw_t = _dot32(g, x, _CONTRACT_NHW)  # (cout, cin): the (larger) activations stay put.
     return dx, dw_t.T.reshape(w.shape).astype(w.dtype)
 
 
-conv2d_same.defvjp(_conv_fwd, _conv_bwd)
+conv1x1.defvjp(_conv1x1_fwd, _conv1x1_bwd)
 
 
 def ws_statistics(w: jax.Array, eps: float, eps_mode: str
@@ -131,11 +117,6 @@ def _ws_fwd(w, gain, eps, eps_mode):
     return w * scale - mean * scale, (w, gain, mean, sum_sq, rsqrt)
 
 
-def _column_sums(a: jax.Array) -> jax.Array:
-    ones = jnp.ones((1, a.shape[0]), jnp.float32)
-    return _dot32(ones, a, (((1,), (0,)), ((), ())))[0]
-
-
 def _ws_bwd(eps, eps_mode, residuals, g):
     # out = xc * r * gain, xc = w - mean(w), r = rsqrt(t), t = max(sum(xc^2), eps) ("max")
     # or sum(xc^2) + fan_in * eps ("add"). Per unit: d_gain = r * sum(g * xc);
@@ -145,9 +126,11 @@ def _ws_bwd(eps, eps_mode, residuals, g):
     fan_in = w.size // units
     w2 = w.reshape(fan_in, units).astype(jnp.float32)
     g2 = g.reshape(fan_in, units).astype(jnp.float32)
-    xc = w2 - mean.reshape(1, units)
-    sums = _column_sums(jnp.concatenate([g2, g2 * xc], axis=1))
-    sum_g, sum_gx = sums[:units], sums[units:]
+    mean = mean.reshape(units).astype(jnp.float32)
+    xc = w2 - mean
+    # sum(g * xc) = sum(g * w) - mean * sum(g): both sums read g and w once, unmaterialised.
+    sum_g = jnp.sum(g2, axis=0)
+    sum_gx = jnp.sum(g2 * w2, axis=0) - mean * sum_g
     r = rsqrt.reshape(units).astype(jnp.float32)
     gain32 = gain.astype(jnp.float32)
     dt = -0.5 * gain32 * sum_gx * r ** 3

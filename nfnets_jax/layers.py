@@ -10,8 +10,9 @@ The parameters are the same for every strategy (kernel HWIO with I = in_channels
 
 Independently, the backward pass of every WS convolution can be computed two ways
 (`CONV_GRAD_IMPLS`), with identical forward values: "xla" (autodiff of the ops above) or
-"matmul" (`conv_grad`: weight gradients and weight-standardisation sums as matrix products,
-the fast path on XLA:CPU). "auto" resolves per backend (`default_conv_grad`).
+"matmul" (`conv_grad`: 1x1 convolution gradients as matrix products and a closed-form
+weight-standardisation backward pass, the fast path on XLA:CPU). "auto" resolves per
+backend (`default_conv_grad`).
 """
 import contextlib
 from collections.abc import Iterator
@@ -109,8 +110,8 @@ def grouped_conv(x: jax.Array, w: jax.Array, stride: int, groups: int,
                  strategy: str = "native", grad: str = "xla") -> jax.Array:
     """NHWC x HWIO convolution with TF-style SAME padding and `groups` feature groups.
 
-    `grad="matmul"` computes the backward pass of every ungrouped convolution (all of them
-    under "split" and "dense") with `conv_grad.conv2d_same`.
+    `grad="matmul"` routes every ungrouped convolution (all of them under "split" and
+    "dense") through `conv_grad.conv2d_same` (matrix-product gradients for 1x1 kernels).
     """
     strategy = resolve_group_conv(strategy)
     matmul_grad = resolve_conv_grad(grad) == "matmul"

@@ -43,7 +43,9 @@ _MODES = flags.DEFINE_list("modes", ["inference", "train"],
                            f"Subset of {','.join(benchmarking.MODES)}.")
 _ITERS = flags.DEFINE_integer("iters", 1, "Calls per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 3, "Untimed calls after compilation (with 1, JAX's times on this VM still fell "
+    "over the first rounds).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
 _MODEL_KWARGS = flags.DEFINE_string(
     "model_kwargs", "{}", 'Extra NFNet arguments as JSON, e.g. \'{"widths": [32, 64, 128, '

@@ -143,9 +143,10 @@ def test_conv_grad_resolution_and_errors():
 
 
 def test_forward_mode_autodiff_needs_xla_impl():
+    # 1x1 convolutions (and weight standardisation) are custom_vjps under "matmul".
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 6, 2))
     conv = lambda impl: hk.without_apply_rng(hk.transform(
-        lambda a: layers.WSConv2D(4, 3, conv_grad=impl, name="conv")(a)))
+        lambda a: layers.WSConv2D(4, 1, conv_grad=impl, name="conv")(a)))
     params = conv("xla").init(jax.random.PRNGKey(0), x)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda a: conv("matmul").apply(params, a), (x,), (x,))
