@@ -31,7 +31,11 @@ from nfnets_jax import benchmarking, conv_grad, layers
 
 @dataclasses.dataclass(frozen=True, order=True)
 class ConvLayer:
-    """One convolution shape: square input `size`, NHWC / HWIO, SAME padding."""
+    """One convolution shape: square input `size`, NHWC / HWIO, SAME padding.
+
+    `takes_images`: the model's first convolution, applied to the images, whose input
+    gradient training never computes.
+    """
 
     size: int
     in_ch: int
@@ -39,6 +43,7 @@ class ConvLayer:
     groups: int
     kernel: int
     stride: int
+    takes_images: bool = False
 
     @property
     def out_size(self) -> int:
@@ -51,7 +56,7 @@ class ConvLayer:
 
     def label(self) -> str:
         return (f"{self.size}px {self.in_ch}->{self.out_ch} g{self.groups} "
-                f"k{self.kernel} s{self.stride}")
+                f"k{self.kernel} s{self.stride}" + (" (images)" if self.takes_images else ""))
 
 
 def conv_layers(config: benchmarking.BenchmarkConfig) -> collections.Counter:
@@ -65,7 +70,8 @@ def conv_layers(config: benchmarking.BenchmarkConfig) -> collections.Counter:
         if isinstance(module, layers.WSConv2D) and context.method_name == "__call__":
             x = args[0]
             found[ConvLayer(x.shape[1], x.shape[-1], module.output_channels, module.groups,
-                            module.kernel_shape, module.stride)] += 1
+                            module.kernel_shape, module.stride,
+                            takes_images=not found)] += 1
         return next_f(*args, **kwargs)
 
     def traced(images):
@@ -154,7 +160,7 @@ def run(config: benchmarking.BenchmarkConfig, impls: Sequence[str] = ("xla", "ma
     rows = []
     for index, (layer, count) in enumerate(sorted(conv_layers(config).items())):
         x, w, r = _arrays(layer, config.batch_size, index)
-        input_grad = layer.in_ch != 3
+        input_grad = not layer.takes_images
         calls = {f"jax {impl}": jax_call(layer, x, w, r, config.group_conv, impl,
                                          input_grad) for impl in impls}
         if compare_torch:

@@ -37,7 +37,9 @@ def test_conv_layers_of_f0():
     # Stage 3: six blocks at 8 px, 768 channels in 6 groups; the first conv1 is strided.
     assert found[layer_benchmark.ConvLayer(8, 768, 768, 6, 3, 1)] == 11
     assert found[layer_benchmark.ConvLayer(16, 768, 768, 6, 3, 2)] == 1
-    assert found[layer_benchmark.ConvLayer(128, 3, 16, 1, 3, 2)] == 1
+    assert found[layer_benchmark.ConvLayer(128, 3, 16, 1, 3, 2, takes_images=True)] == 1
+    assert [k for k in found if k.takes_images] == [
+        layer_benchmark.ConvLayer(128, 3, 16, 1, 3, 2, takes_images=True)]
 
 
 @pytest.mark.parametrize("layer", [
