@@ -105,7 +105,8 @@ def ws_statistics(w: jax.Array, eps: float, eps_mode: str
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
                        eps_mode: str = "max") -> jax.Array:
-    """Same value as `layers.standardize_weight`; backward pass with matrix-vector sums."""
+    """Same value as `layers.standardize_weight`; closed-form backward pass (two per-unit
+    sums over the fan-in and one elementwise pass)."""
     mean, _, rsqrt = ws_statistics(w, eps, eps_mode)
     scale = rsqrt * gain
     return w * scale - mean * scale

@@ -167,3 +167,20 @@ def test_build_configs_crosses_strategies_and_remat():
     configs = benchmarking.build_configs(["split"], conv_grads=["xla", "matmul"])
     assert [(c.group_conv, c.conv_grad) for c in configs] == [("split", "xla"),
                                                               ("split", "matmul")]
+
+
+def test_round_robin_rotates_the_order_every_round():
+    calls = []
+
+    def item(name):
+        def call(carry):
+            calls.append(name)
+            return np.zeros(())
+        return benchmarking.Prepared("timm", "train", 0, benchmarking.BenchmarkConfig(), call,
+                                     None, 0.0, 1, "cpu")
+
+    items = [item(n) for n in "abc"]
+    benchmarking.time_round_robin(items, iters=1, repeats=4, warmup=1)
+    assert calls[:3] == list("abc")  # Warm-up, in order.
+    assert calls[3:] == list("abc" "bca" "cab" "abc")
+    assert all(len(i.times) == 4 for i in items)

@@ -69,6 +69,19 @@ def test_standardize_weight_value_and_gradients_match_autodiff(eps_mode, eps, sh
         assert _max_rel(e, g) < 1e-5
 
 
+def test_standardize_weight_gradient_accurate_when_the_mean_dominates():
+    # The backward pass takes sum(g * (w - mean)) as sum(g * w) - mean * sum(g); with
+    # mean / std = 100 it must still match autodiff to float32 rounding.
+    rng = np.random.default_rng(0)
+    w = (1.0 + 0.01 * rng.standard_normal((3, 3, 128, 16))).astype(np.float32)
+    gain = np.linspace(0.5, 2.0, 16).astype(np.float32)
+    cot = rng.standard_normal(w.shape).astype(np.float32)
+    expected = jax.vjp(lambda a, b: layers.standardize_weight(a, b), w, gain)[1](cot)
+    got = jax.vjp(lambda a, b: conv_grad.standardize_weight(a, b), w, gain)[1](cot)
+    for e, g in zip(expected, got):
+        assert _max_rel(e, g) < 1e-5
+
+
 def test_standardize_weight_gradient_where_eps_clamps():
     # A constant unit has zero variance: the "max" epsilon clamps it, and no gradient flows
     # through its (then constant) scale. The other units are unaffected.

@@ -1,4 +1,5 @@
 """The per-layer convolution benchmark (scripts/benchmark_layers.py) at a tiny size."""
+import pathlib
 import subprocess
 import sys
 
@@ -76,6 +77,7 @@ def test_run_totals_and_table():
 
 
 def test_script_rejects_bad_flags():
-    out = subprocess.run([sys.executable, "scripts/benchmark_layers.py", "--conv_grad=fast"],
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "benchmark_layers.py"
+    out = subprocess.run([sys.executable, str(script), "--conv_grad=fast"],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "Unknown conv_grad implementation 'fast'" in out.stderr
