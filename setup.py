@@ -1,4 +1,5 @@
 """Packaging for nfnets_jax: pip install -e .[data,torch,dev]."""
+
 import setuptools
 
 CORE = [
@@ -13,8 +14,13 @@ CORE = [
 ]
 EXTRAS = {
     # Input pipeline, evaluation on tfds/folder datasets, the built-in digits dataset.
-    "data": ["tensorflow-cpu", "tensorflow-datasets", "importlib_resources",
-             "scikit-learn", "pillow"],
+    "data": [
+        "tensorflow-cpu",
+        "tensorflow-datasets",
+        "importlib_resources",
+        "scikit-learn",
+        "pillow",
+    ],
     # Training: checkpoints, TensorBoard event files, mixed precision.
     "train": ["orbax-checkpoint", "tensorboardX", "jmp"],
     # PyTorch interop (timm weight conversion, --compare timm in the benchmark).

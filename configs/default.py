@@ -9,6 +9,7 @@ means "derive it", as its comment says.
   python scripts/train.py --config=configs/default.py --workdir=/tmp/nfnet_f0 \
       --config.data_dir=/data/tensorflow_datasets
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -24,35 +25,39 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_examples = 0  # 0 = from the dataset (ImageNet: 1,281,167).
     config.train_image_size = 0  # 0 = the variant's train px.
     config.eval_image_size = 0  # 0 = the variant's test px.
-    config.augment = ml_collections.ConfigDict(dict(
-        enabled=True,  # False: no augmentation at all (squash-resized training images).
-        random_crop=True,  # Inception crop (area 0.08-1, aspect 3/4-4/3), else squash-resize.
-        flip=True,  # Random horizontal flip.
-        randaug_layers=-1,  # -1 = the variant's (4 for every F-variant); 0 disables.
-        randaug_magnitude=-1,  # -1 = the variant's.
-        mixup_alpha=0.2,  # MixUp on half of the doubled batch; 0 disables.
-        cutmix=True,  # CutMix on the other half.
-    ))
+    config.augment = ml_collections.ConfigDict(
+        dict(
+            enabled=True,  # False: no augmentation at all (squash-resized training images).
+            random_crop=True,  # Inception crop (area 0.08-1, aspect 3/4-4/3), else squash-resize.
+            flip=True,  # Random horizontal flip.
+            randaug_layers=-1,  # -1 = the variant's (4 for every F-variant); 0 disables.
+            randaug_magnitude=-1,  # -1 = the variant's.
+            mixup_alpha=0.2,  # MixUp on half of the doubled batch; 0 disables.
+            cutmix=True,  # CutMix on the other half.
+        )
+    )
 
     # Model: NFNet or NFResNet; `model` holds its constructor arguments.
     config.model_name = "NFNet"
-    config.model = ml_collections.ConfigDict(dict(
-        variant="F0",  # F0-F7, F0+-F7+ (nfnet.VARIANTS); checked before anything runs.
-        width=1.0,
-        se_ratio=0.5,
-        alpha=0.2,
-        stochdepth_rate=0.25,
-        drop_rate=config_dict.placeholder(float),  # None = the variant's.
-        activation="gelu",
-        numerics="reference",
-        group_conv="auto",
-        conv_grad="auto",  # Backward pass: "matmul" on CPU, "xla" elsewhere.
-        final_conv_mult=2.0,
-        use_two_convs=True,
-        depths=config_dict.placeholder(tuple),  # None = the variant's; small models only.
-        widths=config_dict.placeholder(tuple),  # None = the variant's; small models only.
-        group_width=128,
-    ))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            variant="F0",  # F0-F7, F0+-F7+ (nfnet.VARIANTS); checked before anything runs.
+            width=1.0,
+            se_ratio=0.5,
+            alpha=0.2,
+            stochdepth_rate=0.25,
+            drop_rate=config_dict.placeholder(float),  # None = the variant's.
+            activation="gelu",
+            numerics="reference",
+            group_conv="auto",
+            conv_grad="auto",  # Backward pass: "matmul" on CPU, "xla" elsewhere.
+            final_conv_mult=2.0,
+            use_two_convs=True,
+            depths=config_dict.placeholder(tuple),  # None = the variant's; small models only.
+            widths=config_dict.placeholder(tuple),  # None = the variant's; small models only.
+            group_width=128,
+        )
+    )
 
     # Optimisation: AGC -> weight decay -> Nesterov SGD, warmup + cosine schedule.
     config.batch_size = 4096  # Global, over every device of every host.

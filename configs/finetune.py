@@ -14,6 +14,7 @@ augmentation and the variant's train / test px (override with image_size=...).
 
 A folder dataset has one sub-directory per class (see the Data section of the README).
 """
+
 import ml_collections
 
 from nfnets_jax import configlib
@@ -21,9 +22,18 @@ from nfnets_jax import configlib
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """Returns a fine-tuning config."""
-    args = configlib.parse_arg(arg, dict(
-        dataset="", variant="F0", checkpoint="", batch_size=256, epochs=10.0, lr=0.01,
-        image_size=0))
+    args = configlib.parse_arg(
+        arg,
+        dict(
+            dataset="",
+            variant="F0",
+            checkpoint="",
+            batch_size=256,
+            epochs=10.0,
+            lr=0.01,
+            image_size=0,
+        ),
+    )
     configlib.check_variant("NFNet", args["variant"])
     config = configlib.load_config_file(configlib.sibling(__file__, "default.py"))
     config.dataset = args["dataset"] or "folder:/path/to/dataset"

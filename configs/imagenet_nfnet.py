@@ -12,6 +12,7 @@ Everything else follows from the variant and the global batch in code
 1,281,167 images with 5 warmup epochs (112,602 and 1,563 steps at 4096), train / test px,
 dropout and RandAugment magnitude from `nfnets_jax.nfnet.VARIANTS`.
 """
+
 import ml_collections
 
 from nfnets_jax import configlib
@@ -21,14 +22,18 @@ SAM_VARIANTS = ("F6",)
 
 def get_config(arg: str = "F0") -> ml_collections.ConfigDict:
     """Returns the ImageNet config of one NFNet variant."""
-    args = configlib.parse_arg(arg, dict(variant="F0", batch_size=4096, sam=""),
-                               positional="variant")
+    args = configlib.parse_arg(
+        arg, dict(variant="F0", batch_size=4096, sam=""), positional="variant"
+    )
     configlib.check_variant("NFNet", args["variant"])
     config = configlib.load_config_file(configlib.sibling(__file__, "default.py"))
     config.dataset = "imagenet2012"
     config.num_train_examples = 1_281_167
     config.model.variant = args["variant"]
     config.batch_size = args["batch_size"]
-    config.sam.enabled = (args["variant"] in SAM_VARIANTS if args["sam"] == ""
-                          else configlib.parse_bool(args["sam"], "sam"))
+    config.sam.enabled = (
+        args["variant"] in SAM_VARIANTS
+        if args["sam"] == ""
+        else configlib.parse_bool(args["sam"], "sam")
+    )
     return config

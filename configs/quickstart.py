@@ -6,6 +6,7 @@ pattern at depth 1 per stage and narrow widths, float32 (bfloat16 is slow on CPU
 
   python scripts/train.py --config=configs/quickstart.py --workdir=/tmp/nfnets_quickstart
 """
+
 import ml_collections
 
 from nfnets_jax import configlib

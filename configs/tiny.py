@@ -6,6 +6,7 @@ The test suite uses it; it is also a quick check that a new machine or install w
 
   python scripts/train.py --config=configs/tiny.py --workdir=/tmp/nfnets_tiny
 """
+
 import ml_collections
 
 from nfnets_jax import configlib

@@ -5,6 +5,7 @@ squeeze-excite, stochastic depth), `activations` (scaled activations), `counting
 (parameters and MACs), `signal_prop` (signal propagation at initialisation), `agc`
 (adaptive gradient clipping, an optax transform), `optim` (the reference optimizer chain).
 """
+
 from nfnets_jax.agc import adaptive_grad_clip
 from nfnets_jax.nfnet import VARIANTS, NFNet
 from nfnets_jax.nfresnet import NFResNet

@@ -5,6 +5,7 @@ released weights were trained with them. They are Monte Carlo estimates: `estima
 computes the exact value by quadrature (e.g. relu: 1/sqrt((1 - 1/pi)/2) = 1.712849 vs the
 table's 1.713959), within 0.09% of every table entry, for any new activation.
 """
+
 from collections.abc import Callable
 
 import jax
@@ -104,8 +105,10 @@ def estimate_gamma(fn: Activation, num_points: int = 2001, half_width: float = 1
     density = np.exp(-0.5 * z**2) / np.sqrt(2 * np.pi)
     y = np.asarray(fn(z), dtype=np.float64)
     if y.shape != z.shape:
-        raise ValueError(f"estimate_gamma needs an elementwise fn; got shape {y.shape} "
-                         f"for input shape {z.shape}.")
+        raise ValueError(
+            f"estimate_gamma needs an elementwise fn; got shape {y.shape} "
+            f"for input shape {z.shape}."
+        )
     mean = np.trapezoid(y * density, z)
     var = np.trapezoid((y - mean) ** 2 * density, z)
     if not var > 0:

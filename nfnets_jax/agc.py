@@ -120,8 +120,9 @@ def _compile_patterns(patterns: str | Sequence[str], syntax: str) -> list[tuple[
     raise ValueError(f"syntax must be 'regex' or 'glob', got {syntax!r}")
 
 
-def _match_all(paths: list[str], patterns: str | Sequence[str], syntax: str,
-               what: str) -> list[bool]:
+def _match_all(
+    paths: list[str], patterns: str | Sequence[str], syntax: str, what: str
+) -> list[bool]:
     """Whether each path matches any pattern; every pattern must match at least one path."""
     compiled = _compile_patterns(patterns, syntax)
     hits = [False] * len(paths)
@@ -138,7 +139,8 @@ def _match_all(paths: list[str], patterns: str | Sequence[str], syntax: str,
         listing = "\n  ".join(paths) if paths else "(the tree has no leaves)"
         raise ValueError(
             f"{what} pattern(s) {unmatched} ({syntax}, full match) matched no parameter. "
-            f"Available parameter paths:\n  {listing}")
+            f"Available parameter paths:\n  {listing}"
+        )
     return hits
 
 
@@ -176,8 +178,9 @@ def mask_from_patterns(
     if include is not None:
         selected = _match_all(paths, include, syntax, "include")
     excluded = _match_all(paths, exclude, syntax, "exclude") if exclude else [False] * len(paths)
-    return jax.tree.unflatten(treedef, [s and not e for s, e in zip(selected, excluded,
-                                                                    strict=True)])
+    return jax.tree.unflatten(
+        treedef, [s and not e for s, e in zip(selected, excluded, strict=True)]
+    )
 
 
 def exclude_paths(*patterns: str, syntax: str = "regex") -> Callable[[optax.Params], Mask]:
@@ -248,13 +251,15 @@ def _per_leaf(option: Any, params: optax.Params, what: str) -> list[Any]:
         option = option(params)
     is_none = lambda x: x is None
     try:
-        expanded = jax.tree.map(lambda v, sub: jax.tree.map(lambda _: v, sub), option, params,
-                                is_leaf=is_none)
+        expanded = jax.tree.map(
+            lambda v, sub: jax.tree.map(lambda _: v, sub), option, params, is_leaf=is_none
+        )
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"adaptive_grad_clip: the {what} tree does not match the params tree (it must "
             f"have the same structure as params, or be a prefix of it): "
-            f"{_structure_diff(option, params, what, 'params')}") from err
+            f"{_structure_diff(option, params, what, 'params')}"
+        ) from err
     return jax.tree.structure(params).flatten_up_to(expanded)
 
 
@@ -270,7 +275,8 @@ def _mask_values(mask: MaskOrFn, params: optax.Params, paths: list[str]) -> list
             raise ValueError(
                 f"adaptive_grad_clip: the mask entry for {path!r} is a traced value; masks "
                 "must be static Python bools (build them from the tree's paths, not its "
-                "values)") from err
+                "values)"
+            ) from err
     return out
 
 
@@ -279,8 +285,9 @@ def _mask_values(mask: MaskOrFn, params: optax.Params, paths: list[str]) -> list
 # --------------------------------------------------------------------------------------------
 
 
-def _reduction_axes(shape: tuple[int, ...], unit_axis: int | None,
-                    path: str = "") -> tuple[int, ...] | None:
+def _reduction_axes(
+    shape: tuple[int, ...], unit_axis: int | None, path: str = ""
+) -> tuple[int, ...] | None:
     """Axes to reduce for the per-unit norm; None means the whole-tensor norm."""
     # Scalars and vectors (also vectors stored as (O, 1, 1, 1), PyTorch style) form one unit,
     # as in the reference release.
@@ -291,12 +298,14 @@ def _reduction_axes(shape: tuple[int, ...], unit_axis: int | None,
         raise ValueError(
             f"adaptive_grad_clip: the unit axis for {path!r} is a JAX array; unit axes must "
             "be static Python ints (with optax.inject_hyperparams, pass "
-            "static_args=('unit_axis',))")
+            "static_args=('unit_axis',))"
+        )
     if not isinstance(unit_axis, (int, np.integer)) or not -ndim <= unit_axis < ndim:
         raise ValueError(
             f"adaptive_grad_clip: unit axis {unit_axis!r} is invalid for the leaf {path!r} "
             f"of shape {shape}; give an int in [{-ndim}, {ndim - 1}] or None for the "
-            "whole-tensor norm")
+            "whole-tensor norm"
+        )
     unit_axis = int(unit_axis) % ndim
     return tuple(i for i in range(ndim) if i != unit_axis)
 
@@ -320,8 +329,9 @@ def unitwise_norm(x: jax.Array, unit_axis: int | None = DEFAULT_UNIT_AXIS) -> ja
     return jnp.sqrt(jnp.sum(x32 * x32, axis=axes, keepdims=True))
 
 
-def _clip_leaf(g: jax.Array, w: jax.Array, clipping: Any, eps: Any,
-               axes: tuple[int, ...] | None) -> tuple[jax.Array, jax.Array]:
+def _clip_leaf(
+    g: jax.Array, w: jax.Array, clipping: Any, eps: Any, axes: tuple[int, ...] | None
+) -> tuple[jax.Array, jax.Array]:
     """Clips one leaf; returns (clipped gradient, per-unit bool "was rescaled")."""
     g32 = g.astype(jnp.float32)
     w32 = jnp.asarray(w).astype(jnp.float32)
@@ -409,8 +419,12 @@ def adaptive_grad_clip(
     def init_fn(params: optax.Params) -> AdaptiveGradClipState:
         # Resolving the mask and the unit axes here makes a bad pattern or axis fail at init.
         paths = tracked_paths(params)
-        for path, leaf, axis in zip(param_paths(params), jax.tree.leaves(params),
-                                    _per_leaf(unit_axis, params, "unit_axis"), strict=True):
+        for path, leaf, axis in zip(
+            param_paths(params),
+            jax.tree.leaves(params),
+            _per_leaf(unit_axis, params, "unit_axis"),
+            strict=True,
+        ):
             _reduction_axes(tuple(jnp.shape(leaf)), axis, path)
         per_param = {}
         if track_per_param:
@@ -418,24 +432,27 @@ def adaptive_grad_clip(
         return AdaptiveGradClipState(
             clipped_fraction=jnp.zeros([], jnp.float32),
             num_clipped=jnp.zeros([], jnp.int32),
-            per_param_clipped_fraction=per_param)
+            per_param_clipped_fraction=per_param,
+        )
 
-    def update_fn(updates: optax.Updates, state: AdaptiveGradClipState,
-                  params: optax.Params | None = None
-                  ) -> tuple[optax.Updates, AdaptiveGradClipState]:
+    def update_fn(
+        updates: optax.Updates, state: AdaptiveGradClipState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, AdaptiveGradClipState]:
         del state
         if params is None:
             raise ValueError(
                 "adaptive_grad_clip needs the current parameters: call "
                 "update(updates, state, params) with params (AGC clips relative to the "
-                "parameter norms).")
+                "parameter norms)."
+            )
         treedef = jax.tree.structure(params)
         try:
             grads = treedef.flatten_up_to(updates)
         except (ValueError, TypeError) as err:
             raise ValueError(
                 "adaptive_grad_clip: updates and params have different tree structures: "
-                f"{_structure_diff(updates, params, 'updates', 'params')}") from err
+                f"{_structure_diff(updates, params, 'updates', 'params')}"
+            ) from err
         weights = treedef.flatten_up_to(params)
         paths = param_paths(params)
         clip = _mask_values(mask, params, paths)
@@ -454,7 +471,8 @@ def adaptive_grad_clip(
                 raise ValueError(
                     f"adaptive_grad_clip: the update for {path!r} has shape "
                     f"{getattr(g, 'shape', type(g).__name__)} but the parameter has shape "
-                    f"{jnp.shape(w)}")
+                    f"{jnp.shape(w)}"
+                )
             red = _reduction_axes(tuple(g.shape), axis, path)
             new_g, trigger = _clip_leaf(g, w, clipping, eps, red)
             new_grads.append(new_g)
@@ -471,8 +489,8 @@ def adaptive_grad_clip(
             num_clipped = jnp.zeros([], jnp.int32)
             fraction = jnp.zeros([], jnp.float32)
         new_state = AdaptiveGradClipState(
-            clipped_fraction=fraction, num_clipped=num_clipped,
-            per_param_clipped_fraction=per_param)
+            clipped_fraction=fraction, num_clipped=num_clipped, per_param_clipped_fraction=per_param
+        )
         return jax.tree.unflatten(treedef, new_grads), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -504,11 +522,13 @@ def find_state(opt_state: optax.OptState) -> AdaptiveGradClipState:
     if not found:
         raise ValueError(
             "No adaptive_grad_clip state in this optimizer state: was the optimizer built "
-            "with nfnets_jax.agc.adaptive_grad_clip (and AGC not disabled)?")
+            "with nfnets_jax.agc.adaptive_grad_clip (and AGC not disabled)?"
+        )
     if len(found) > 1:
         raise ValueError(
             f"Found {len(found)} adaptive_grad_clip states in this optimizer state; "
-            "use find_state on the sub-state you mean.")
+            "use find_state on the sub-state you mean."
+        )
     return found[0]
 
 
@@ -540,5 +560,6 @@ def per_param_clipped_fraction(opt_state: optax.OptState) -> dict[str, jax.Array
     if not state.per_param_clipped_fraction:
         raise ValueError(
             "Per-parameter clipped fractions are not tracked: build the transform with "
-            "adaptive_grad_clip(..., track_per_param=True).")
+            "adaptive_grad_clip(..., track_per_param=True)."
+        )
     return state.per_param_clipped_fraction

@@ -24,6 +24,7 @@ resolution and dtype (torch thread count = JAX's CPU core count; eager mode, so 
 is the first, untimed call; bfloat16 via autocast), and the ratio JAX time / timm time is
 reported per mode (ratio of medians, and the median of the per-round ratios).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -113,15 +114,13 @@ class BenchmarkConfig:
         layers.resolve_group_conv(self.group_conv)
         layers.resolve_conv_grad(self.conv_grad)
         nfnet.check_variant(self.variant, nfnet.VARIANTS)
-        for name in ("batch_size", "inference_resolution", "train_resolution", "iters",
-                     "repeats"):
+        for name in ("batch_size", "inference_resolution", "train_resolution", "iters", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
     def resolution(self, mode: str) -> int:
         """Image size used by `mode`."""
-        return self.inference_resolution if mode in ("init", "inference") else \
-            self.train_resolution
+        return self.inference_resolution if mode in ("init", "inference") else self.train_resolution
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,8 +211,7 @@ def time_once(call: Callable[[Any], Any], carry: Any, iters: int) -> tuple[float
     return (time.perf_counter() - start) / iters, carry
 
 
-def time_round_robin(prepared: Sequence[Prepared], iters: int, repeats: int,
-                     warmup: int) -> None:
+def time_round_robin(prepared: Sequence[Prepared], iters: int, repeats: int, warmup: int) -> None:
     """Warms up every measurement, then times them in turn, `repeats` rounds.
 
     Interleaving puts the measurements that are compared under the same background load
@@ -232,8 +230,12 @@ def time_round_robin(prepared: Sequence[Prepared], iters: int, repeats: int,
         for item in list(prepared[shift:]) + list(prepared[:shift]):
             seconds, item.carry = time_once(item.call, item.carry, iters)
             item.times.append(seconds)
-        _LOG.info("round %d/%d: %s", round_index + 1, repeats,
-                  ", ".join(f"{p.framework} {p.mode} {p.times[-1]:.3g}s" for p in prepared))
+        _LOG.info(
+            "round %d/%d: %s",
+            round_index + 1,
+            repeats,
+            ", ".join(f"{p.framework} {p.mode} {p.times[-1]:.3g}s" for p in prepared),
+        )
 
 
 def _remat_blocks(next_f, args, kwargs, context):
@@ -248,9 +250,13 @@ def make_forward(config: BenchmarkConfig) -> Callable[..., dict[str, jax.Array]]
     """`(images, is_training) -> NFNet outputs`, to be Haiku-transformed."""
 
     def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
-        model = nfnet.NFNet(num_classes=config.num_classes, variant=config.variant,
-                            group_conv=config.group_conv, conv_grad=config.conv_grad,
-                            **config.model_kwargs)
+        model = nfnet.NFNet(
+            num_classes=config.num_classes,
+            variant=config.variant,
+            group_conv=config.group_conv,
+            conv_grad=config.conv_grad,
+            **config.model_kwargs,
+        )
         if config.remat and is_training:
             with hk.intercept_methods(_remat_blocks):
                 return model(images, is_training=is_training)
@@ -266,12 +272,17 @@ def forward_macs(config: BenchmarkConfig, resolution: int) -> int:
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
-                        else a, tree)
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
 
 
-def make_train_step(transformed: hk.Transformed, optimizer: optax.GradientTransformation,
-                    compute_dtype: Any, with_update: bool = True) -> Callable[..., Any]:
+def make_train_step(
+    transformed: hk.Transformed,
+    optimizer: optax.GradientTransformation,
+    compute_dtype: Any,
+    with_update: bool = True,
+) -> Callable[..., Any]:
     """The (unjitted) training step `(params, opt_state, images, labels, rng) -> ...`.
 
     Returns `(params, opt_state, loss)`; with `with_update=False` the gradients replace
@@ -279,10 +290,12 @@ def make_train_step(transformed: hk.Transformed, optimizer: optax.GradientTransf
     """
 
     def loss_fn(params, images, labels, rng):
-        logits = transformed.apply(_cast(params, compute_dtype), rng,
-                                   images.astype(compute_dtype), is_training=True)["logits"]
+        logits = transformed.apply(
+            _cast(params, compute_dtype), rng, images.astype(compute_dtype), is_training=True
+        )["logits"]
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), labels).mean()
+            logits.astype(jnp.float32), labels
+        ).mean()
 
     def step(params, opt_state, images, labels, rng):
         loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, rng)
@@ -294,24 +307,33 @@ def make_train_step(transformed: hk.Transformed, optimizer: optax.GradientTransf
     return step
 
 
-def _compile(fn: Callable[..., Any], args: Sequence[Any],
-             donate_argnums: tuple[int, ...] = ()) -> tuple[Any, float, int | None]:
+def _compile(
+    fn: Callable[..., Any], args: Sequence[Any], donate_argnums: tuple[int, ...] = ()
+) -> tuple[Any, float, int | None]:
     """AOT-compiles `fn`: (executable, seconds, XLA memory estimate in bytes or None)."""
     start = time.perf_counter()
     compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
     seconds = time.perf_counter() - start
     try:
         m = compiled.memory_analysis()
-        xla_bytes = int(m.argument_size_in_bytes + m.output_size_in_bytes
-                        + m.temp_size_in_bytes - m.alias_size_in_bytes)
+        xla_bytes = int(
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+            - m.alias_size_in_bytes
+        )
     except Exception:  # noqa: BLE001 - not every backend implements it.
         xla_bytes = None
     return compiled, seconds, xla_bytes
 
 
-def _prepare_jax_mode(config: BenchmarkConfig, mode: str, transformed: hk.Transformed,
-                      params: hk.Params | None, images: jax.Array
-                      ) -> tuple[Callable[[Any], Any], Any, float, int | None]:
+def _prepare_jax_mode(
+    config: BenchmarkConfig,
+    mode: str,
+    transformed: hk.Transformed,
+    params: hk.Params | None,
+    images: jax.Array,
+) -> tuple[Callable[[Any], Any], Any, float, int | None]:
     """(call, carry, compile seconds, XLA memory estimate) of one JAX mode."""
     compute_dtype = DTYPES[config.dtype]
     rng = jax.random.PRNGKey(0)
@@ -322,8 +344,9 @@ def _prepare_jax_mode(config: BenchmarkConfig, mode: str, transformed: hk.Transf
         return (lambda _: compiled(rng, images)), None, seconds, mem
     if mode == "inference":
         params = _cast(params, compute_dtype)
-        apply = lambda p, x: transformed.apply(p, None, x.astype(compute_dtype),
-                                               is_training=False)["logits"]
+        apply = lambda p, x: transformed.apply(p, None, x.astype(compute_dtype), is_training=False)[
+            "logits"
+        ]
         compiled, seconds, mem = _compile(apply, (params, images))
         return (lambda _: compiled(params, images)), None, seconds, mem
     optimizer = optim.make_optimizer(learning_rate=0.1)
@@ -366,11 +389,28 @@ def prepare_jax(config: BenchmarkConfig, config_index: int = 0) -> list[Prepared
                 params_by_res[res] = init(rng, images, True)
             params = params_by_res[res]
         call, carry, seconds, mem = _prepare_jax_mode(config, mode, transformed, params, images)
-        _LOG.info("jax %s (group_conv=%s, conv_grad=%s, remat=%s): compiled in %.1f s",
-                  mode, config.group_conv, config.conv_grad, config.remat, seconds)
-        prepared.append(Prepared("jax", mode, config_index, config, call, carry, seconds,
-                                 forward_macs(config, res), device.device_kind,
-                                 xla_memory_bytes=mem))
+        _LOG.info(
+            "jax %s (group_conv=%s, conv_grad=%s, remat=%s): compiled in %.1f s",
+            mode,
+            config.group_conv,
+            config.conv_grad,
+            config.remat,
+            seconds,
+        )
+        prepared.append(
+            Prepared(
+                "jax",
+                mode,
+                config_index,
+                config,
+                call,
+                carry,
+                seconds,
+                forward_macs(config, res),
+                device.device_kind,
+                xla_memory_bytes=mem,
+            )
+        )
     return prepared
 
 
@@ -383,28 +423,36 @@ def _row(item: Prepared) -> dict[str, Any]:
         flops = 2 * item.macs * images * (1 if mode == "inference" else 3) / median
     peak = peak_flops(item.device_kind, config.dtype)
     return {
-        "framework": framework, "mode": mode, "config": item.config_index,
-        "variant": config.variant, "batch_size": images,
-        "resolution": config.resolution(mode), "dtype": config.dtype,
-        "group_conv": (layers.resolve_group_conv(config.group_conv)
-                       if framework == "jax" else "-"),
-        "conv_grad": (layers.resolve_conv_grad(config.conv_grad)
-                      if framework == "jax" else "-"),
+        "framework": framework,
+        "mode": mode,
+        "config": item.config_index,
+        "variant": config.variant,
+        "batch_size": images,
+        "resolution": config.resolution(mode),
+        "dtype": config.dtype,
+        "group_conv": (layers.resolve_group_conv(config.group_conv) if framework == "jax" else "-"),
+        "conv_grad": (layers.resolve_conv_grad(config.conv_grad) if framework == "jax" else "-"),
         "remat": config.remat if framework == "jax" else False,
         "donate": config.donate if framework == "jax" else False,
-        "compile_s": item.compile_s, "time_s": median, "min_time_s": min(item.times),
+        "compile_s": item.compile_s,
+        "time_s": median,
+        "min_time_s": min(item.times),
         "times_s": list(item.times),
         "images_per_s": images / median if mode != "optimizer" else None,
-        "macs_per_image": item.macs, "flops_per_s": flops,
+        "macs_per_image": item.macs,
+        "flops_per_s": flops,
         "mfu": flops / peak if (flops is not None and peak) else None,
-        "peak_memory_bytes": item.memory[0], "memory_source": item.memory[1],
-        "xla_memory_bytes": item.xla_memory_bytes, "device": item.device_kind,
+        "peak_memory_bytes": item.memory[0],
+        "memory_source": item.memory[1],
+        "xla_memory_bytes": item.xla_memory_bytes,
+        "device": item.device_kind,
     }
 
 
 # ------------------------------------------------------------------------------------------
 # timm.
 # ------------------------------------------------------------------------------------------
+
 
 def import_timm() -> Any:
     """Imports timm through the project's one torchvision shim (`timm_convert.import_timm`).
@@ -446,25 +494,34 @@ def make_timm_model(config: BenchmarkConfig, is_training: bool) -> Any:
     drop = mk.get("drop_rate")
     if drop is None:
         drop = nfnet.VARIANTS[config.variant]["drop_rate"]
-    kwargs = dict(num_classes=config.num_classes, drop_rate=drop,
-                  drop_path_rate=mk.get("stochdepth_rate", 0.1))
+    kwargs = dict(
+        num_classes=config.num_classes,
+        drop_rate=drop,
+        drop_path_rate=mk.get("stochdepth_rate", 0.1),
+    )
     if any(k in mk for k in ("widths", "depths", "group_width")):
         cfg = timm_nfnet.model_cfgs[name]
         channels = tuple(mk.get("widths", cfg.channels))
         cfg = dataclasses.replace(
-            cfg, channels=channels, depths=tuple(mk.get("depths", cfg.depths)),
+            cfg,
+            channels=channels,
+            depths=tuple(mk.get("depths", cfg.depths)),
             group_size=mk.get("group_width", cfg.group_size),
             stem_chs=max(8, cfg.stem_chs * channels[0] // cfg.channels[0]),
-            num_features=int(channels[-1] * 2))
+            num_features=int(channels[-1] * 2),
+        )
         model = timm_nfnet.NormFreeNet(cfg, **kwargs)
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
     return model.train(is_training)
 
 
-def prepare_timm(config: BenchmarkConfig, config_index: int = 0,
-                 macs: dict[str, int] | None = None,
-                 channels_last: bool = False) -> list[Prepared]:
+def prepare_timm(
+    config: BenchmarkConfig,
+    config_index: int = 0,
+    macs: dict[str, int] | None = None,
+    channels_last: bool = False,
+) -> list[Prepared]:
     """timm's equivalent model for the "inference" and "train" modes of `config`.
 
     The train step is forward, cross-entropy, backward and an SGD (Nesterov momentum 0.9,
@@ -492,21 +549,23 @@ def prepare_timm(config: BenchmarkConfig, config_index: int = 0,
             continue
         res = config.resolution(mode)
         torch.manual_seed(0)
-        model = make_timm_model(config, is_training=mode == "train").to(device,
-                                                                         memory_format=fmt)
-        images = torch.randn(config.batch_size, 3, res, res, device=device).to(
-            memory_format=fmt)
+        model = make_timm_model(config, is_training=mode == "train").to(device, memory_format=fmt)
+        images = torch.randn(config.batch_size, 3, res, res, device=device).to(memory_format=fmt)
         labels = torch.arange(config.batch_size, device=device) % config.num_classes
         if mode == "inference":
+
             def call(carry, model=model, images=images):
-                with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16,
-                                                            enabled=bf16):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(device.type, torch.bfloat16, enabled=bf16),
+                ):
                     out = model(images)
                 sync()
                 return out
         else:
-            sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                  weight_decay=2e-5)
+            sgd = torch.optim.SGD(
+                model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5
+            )
 
             def call(carry, model=model, images=images, labels=labels, sgd=sgd):
                 sgd.zero_grad(set_to_none=True)
@@ -517,6 +576,7 @@ def prepare_timm(config: BenchmarkConfig, config_index: int = 0,
                 sgd.step()
                 sync()
                 return loss.detach()
+
         start = time.perf_counter()
         call(None)  # Eager: the first call stands in for compilation.
         seconds = time.perf_counter() - start
@@ -526,8 +586,20 @@ def prepare_timm(config: BenchmarkConfig, config_index: int = 0,
             memory = (int(torch.cuda.max_memory_allocated()), "torch max_memory_allocated")
         else:
             memory = (process_peak_rss(), "process peak RSS")
-        prepared.append(Prepared("timm", mode, config_index, config, call, None, seconds,
-                                 mode_macs, kind, memory=memory))
+        prepared.append(
+            Prepared(
+                "timm",
+                mode,
+                config_index,
+                config,
+                call,
+                None,
+                seconds,
+                mode_macs,
+                kind,
+                memory=memory,
+            )
+        )
     return prepared
 
 
@@ -536,8 +608,9 @@ def prepare_timm(config: BenchmarkConfig, config_index: int = 0,
 # ------------------------------------------------------------------------------------------
 
 
-def run(configs: Sequence[BenchmarkConfig], compare_timm: bool = False,
-        timm_channels_last: bool = False) -> dict[str, Any]:
+def run(
+    configs: Sequence[BenchmarkConfig], compare_timm: bool = False, timm_channels_last: bool = False
+) -> dict[str, Any]:
     """Compiles every configuration (and timm's model once per distinct shape), then times
     all of them round-robin in this process (`time_round_robin`).
 
@@ -568,12 +641,23 @@ def run(configs: Sequence[BenchmarkConfig], compare_timm: bool = False,
     if compare_timm:
         done: dict[str, list[Prepared]] = {}
         for index, config in enumerate(configs):
-            key = repr((config.variant, config.batch_size, config.inference_resolution,
-                        config.train_resolution, config.dtype, config.modes,
-                        sorted(config.model_kwargs.items())))
+            key = repr(
+                (
+                    config.variant,
+                    config.batch_size,
+                    config.inference_resolution,
+                    config.train_resolution,
+                    config.dtype,
+                    config.modes,
+                    sorted(config.model_kwargs.items()),
+                )
+            )
             if key not in done:
-                macs = {p.mode: p.macs for p in prepared
-                        if p.config_index == index and p.framework == "jax"}
+                macs = {
+                    p.mode: p.macs
+                    for p in prepared
+                    if p.config_index == index and p.framework == "jax"
+                }
                 done[key] = prepare_timm(config, index, macs, timm_channels_last)
                 prepared.extend(done[key])
             timm_for[index] = done[key]
@@ -589,39 +673,53 @@ def run(configs: Sequence[BenchmarkConfig], compare_timm: bool = False,
             if j is None:
                 continue
             paired = [a / b for a, b in zip(j.times, t.times)]
-            ratios.append({
-                "config": index, "mode": t.mode,
-                "group_conv": layers.resolve_group_conv(j.config.group_conv),
-                "conv_grad": layers.resolve_conv_grad(j.config.conv_grad),
-                "remat": j.config.remat, "donate": j.config.donate,
-                "jax_s": statistics.median(j.times), "timm_s": statistics.median(t.times),
-                "ratio": statistics.median(j.times) / statistics.median(t.times),
-                "paired_ratio": statistics.median(paired),
-                "min_ratio": min(j.times) / min(t.times)})
+            ratios.append(
+                {
+                    "config": index,
+                    "mode": t.mode,
+                    "group_conv": layers.resolve_group_conv(j.config.group_conv),
+                    "conv_grad": layers.resolve_conv_grad(j.config.conv_grad),
+                    "remat": j.config.remat,
+                    "donate": j.config.donate,
+                    "jax_s": statistics.median(j.times),
+                    "timm_s": statistics.median(t.times),
+                    "ratio": statistics.median(j.times) / statistics.median(t.times),
+                    "paired_ratio": statistics.median(paired),
+                    "min_ratio": min(j.times) / min(t.times),
+                }
+            )
     shares = []
     for index, config in enumerate(configs):
         by_mode = {m: p for (i, m), p in jax_items.items() if i == index}
         if "optimizer" in by_mode and "train" in by_mode:
             opt_s = statistics.median(by_mode["optimizer"].times)
             train_s = statistics.median(by_mode["train"].times)
-            share = {"config": index, "group_conv": layers.resolve_group_conv(config.group_conv),
-                     "conv_grad": layers.resolve_conv_grad(config.conv_grad),
-                     "remat": config.remat, "optimizer_s": opt_s, "train_s": train_s,
-                     "share": opt_s / train_s}
+            share = {
+                "config": index,
+                "group_conv": layers.resolve_group_conv(config.group_conv),
+                "conv_grad": layers.resolve_conv_grad(config.conv_grad),
+                "remat": config.remat,
+                "optimizer_s": opt_s,
+                "train_s": train_s,
+                "share": opt_s / train_s,
+            }
             if "grad" in by_mode:
                 grad_s = statistics.median(by_mode["grad"].times)
                 share["grad_s"] = grad_s
                 share["train_minus_grad_share"] = 1 - grad_s / train_s
             shares.append(share)
-    return {"rows": rows, "ratios": ratios, "optimizer_share": shares,
-            "environment": environment()}
+    return {"rows": rows, "ratios": ratios, "optimizer_share": shares, "environment": environment()}
 
 
 def environment() -> dict[str, Any]:
     """Versions and hardware, for the record."""
-    env = {"jax": jax.__version__, "backend": jax.default_backend(),
-           "device": jax.devices()[0].device_kind, "jax_devices": jax.device_count(),
-           "cpu_cores": cpu_cores()}
+    env = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "jax_devices": jax.device_count(),
+        "cpu_cores": cpu_cores(),
+    }
     try:
         import torch
 
@@ -645,44 +743,85 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """Plain-text table of `run`'s result (times are medians; all repeats in the JSON)."""
-    header = ["framework", "mode", "variant", "batch", "px", "dtype", "group_conv",
-              "conv_grad", "remat", "donate", "compile s", "time s", "min s", "img/s",
-              "GFLOP/s", "MFU", "peak mem MiB", "XLA mem MiB"]
+    header = [
+        "framework",
+        "mode",
+        "variant",
+        "batch",
+        "px",
+        "dtype",
+        "group_conv",
+        "conv_grad",
+        "remat",
+        "donate",
+        "compile s",
+        "time s",
+        "min s",
+        "img/s",
+        "GFLOP/s",
+        "MFU",
+        "peak mem MiB",
+        "XLA mem MiB",
+    ]
     lines = []
     for r in result["rows"]:
-        lines.append([r["framework"], r["mode"], r["variant"], str(r["batch_size"]),
-                      str(r["resolution"]), r["dtype"], r["group_conv"], r["conv_grad"],
-                      _fmt(r["remat"]),
-                      _fmt(r["donate"]), _fmt(r["compile_s"]), _fmt(r["time_s"], digits=4),
-                      _fmt(r["min_time_s"], digits=4),
-                      _fmt(r["images_per_s"]), _fmt(r["flops_per_s"], 1e9),
-                      _fmt(r["mfu"]), f"{r['peak_memory_bytes'] / 2**20:.0f}",
-                      _fmt(r["xla_memory_bytes"] and r["xla_memory_bytes"] / 2**20, digits=4)])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-              for i, h in enumerate(header)]
-    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)),
-           "-+-".join("-" * w for w in widths)]
+        lines.append(
+            [
+                r["framework"],
+                r["mode"],
+                r["variant"],
+                str(r["batch_size"]),
+                str(r["resolution"]),
+                r["dtype"],
+                r["group_conv"],
+                r["conv_grad"],
+                _fmt(r["remat"]),
+                _fmt(r["donate"]),
+                _fmt(r["compile_s"]),
+                _fmt(r["time_s"], digits=4),
+                _fmt(r["min_time_s"], digits=4),
+                _fmt(r["images_per_s"]),
+                _fmt(r["flops_per_s"], 1e9),
+                _fmt(r["mfu"]),
+                f"{r['peak_memory_bytes'] / 2**20:.0f}",
+                _fmt(r["xla_memory_bytes"] and r["xla_memory_bytes"] / 2**20, digits=4),
+            ]
+        )
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+        for i, h in enumerate(header)
+    ]
+    out = [
+        " | ".join(h.ljust(w) for h, w in zip(header, widths)),
+        "-+-".join("-" * w for w in widths),
+    ]
     out += [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     for ratio in result["ratios"]:
-        out.append(f"ratio jax/timm {ratio['mode']} (group_conv={ratio['group_conv']}, "
-                   f"conv_grad={ratio['conv_grad']}, "
-                   f"remat={_fmt(ratio['remat'])}, donate={_fmt(ratio['donate'])}): "
-                   f"{ratio['ratio']:.3f} ({ratio['jax_s']:.4g} s / {ratio['timm_s']:.4g} s); "
-                   f"median per-round ratio {ratio['paired_ratio']:.3f}; ratio of minima "
-                   f"{ratio['min_ratio']:.3f}")
+        out.append(
+            f"ratio jax/timm {ratio['mode']} (group_conv={ratio['group_conv']}, "
+            f"conv_grad={ratio['conv_grad']}, "
+            f"remat={_fmt(ratio['remat'])}, donate={_fmt(ratio['donate'])}): "
+            f"{ratio['ratio']:.3f} ({ratio['jax_s']:.4g} s / {ratio['timm_s']:.4g} s); "
+            f"median per-round ratio {ratio['paired_ratio']:.3f}; ratio of minima "
+            f"{ratio['min_ratio']:.3f}"
+        )
     for share in result["optimizer_share"]:
-        line = (f"optimizer (AGC + weight decay + SGD) alone / train step "
-                f"(group_conv={share['group_conv']}, conv_grad={share['conv_grad']}, "
-                f"remat={_fmt(share['remat'])}): "
-                f"{100 * share['share']:.2f}%")
+        line = (
+            f"optimizer (AGC + weight decay + SGD) alone / train step "
+            f"(group_conv={share['group_conv']}, conv_grad={share['conv_grad']}, "
+            f"remat={_fmt(share['remat'])}): "
+            f"{100 * share['share']:.2f}%"
+        )
         if "train_minus_grad_share" in share:
-            line += (f"; 1 - grad/train: {100 * share['train_minus_grad_share']:.2f}%")
+            line += f"; 1 - grad/train: {100 * share['train_minus_grad_share']:.2f}%"
         out.append(line)
     if result["rows"]:
         rounds = len(result["rows"][0]["times_s"])
-        out.append(f"times: median of {rounds} round-robin rounds (all in the JSON); peak "
-                   f"mem: {result['rows'][0]['memory_source']}; XLA mem: the compiled "
-                   "executable's arguments + outputs + temporaries")
+        out.append(
+            f"times: median of {rounds} round-robin rounds (all in the JSON); peak "
+            f"mem: {result['rows'][0]['memory_source']}; XLA mem: the compiled "
+            "executable's arguments + outputs + temporaries"
+        )
     return "\n".join(out)
 
 
@@ -694,9 +833,18 @@ def write_json(result: dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
-def build_configs(group_convs: Sequence[str] = ("auto",), remats: Sequence[bool] = (False,),
-                  donates: Sequence[bool] = (True,), conv_grads: Sequence[str] = ("auto",),
-                  **common: Any) -> list[BenchmarkConfig]:
+def build_configs(
+    group_convs: Sequence[str] = ("auto",),
+    remats: Sequence[bool] = (False,),
+    donates: Sequence[bool] = (True,),
+    conv_grads: Sequence[str] = ("auto",),
+    **common: Any,
+) -> list[BenchmarkConfig]:
     """One `BenchmarkConfig` per (group_conv, conv_grad, remat, donate), sharing `common`."""
-    return [BenchmarkConfig(group_conv=g, conv_grad=c, remat=r, donate=d, **common)
-            for g in group_convs for c in conv_grads for r in remats for d in donates]
+    return [
+        BenchmarkConfig(group_conv=g, conv_grad=c, remat=r, donate=d, **common)
+        for g in group_convs
+        for c in conv_grads
+        for r in remats
+        for d in donates
+    ]

@@ -9,6 +9,7 @@ killed mid-save leaves the previous checkpoints intact and the partial one is ne
 A restore checks every array's shape against the template (orbax itself would return the
 saved shapes). The run's config record (`config.json`) is written with `write_json_atomic`.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,8 @@ class Checkpointer:
         """
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False)
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -70,16 +72,18 @@ class Checkpointer:
         template = jax.tree.map(np.asarray, template)
         restored = self._manager.restore(int(step), args=ocp.args.StandardRestore(template))
         expected = jax.tree_util.tree_flatten_with_path(template)[0]
-        mismatched = [f"{jax.tree_util.keystr(path)}: {np.shape(got)} saved, {want.shape} "
-                      "expected" for (path, want), got
-                      in zip(expected, jax.tree.leaves(restored), strict=True)
-                      if np.shape(got) != want.shape]
+        mismatched = [
+            f"{jax.tree_util.keystr(path)}: {np.shape(got)} saved, {want.shape} expected"
+            for (path, want), got in zip(expected, jax.tree.leaves(restored), strict=True)
+            if np.shape(got) != want.shape
+        ]
         if mismatched:
             raise ValueError(
                 f"Checkpoint {step} in {self.directory} does not fit the model being trained "
                 f"({len(mismatched)} arrays differ in shape): {'; '.join(mismatched[:5])}. "
                 "It was written by a run with another model config; resume with that config "
-                "or start a new run in a new workdir.")
+                "or start a new run in a new workdir."
+            )
         return restored
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ without building anything. `resume_changes` compares the config record of a work
 workdir's checkpoint unusable (model, parameter shapes, optimizer state structure) and the
 harmless rest.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -71,8 +72,10 @@ def parse_bool(value: str, key: str) -> bool:
     text = value.strip().lower()
     if text in TRUE_STRINGS or text in FALSE_STRINGS:
         return text in TRUE_STRINGS
-    raise ValueError(f"Config argument {key!r} expects a bool ({'/'.join(TRUE_STRINGS)} or "
-                     f"{'/'.join(FALSE_STRINGS)}), got {value!r}.")
+    raise ValueError(
+        f"Config argument {key!r} expects a bool ({'/'.join(TRUE_STRINGS)} or "
+        f"{'/'.join(FALSE_STRINGS)}), got {value!r}."
+    )
 
 
 def _coerce(key: str, value: str, default: Any) -> Any:
@@ -83,19 +86,22 @@ def _coerce(key: str, value: str, default: Any) -> Any:
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"Config argument {key!r} expects an integer, got {value!r}."
-                             ) from None
+            raise ValueError(
+                f"Config argument {key!r} expects an integer, got {value!r}."
+            ) from None
     if isinstance(default, float):
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"Config argument {key!r} expects a number, got {value!r}."
-                             ) from None
+            raise ValueError(f"Config argument {key!r} expects a number, got {value!r}.") from None
     return value
 
 
-def parse_arg(arg: str | None, defaults: dict[str, Any], positional: str | None = None,
-              ) -> dict[str, Any]:
+def parse_arg(
+    arg: str | None,
+    defaults: dict[str, Any],
+    positional: str | None = None,
+) -> dict[str, Any]:
     """Parses a config argument like 'F3' or 'variant=F3,batch_size=1024'.
 
     Values take the type of their default: bools accept 1/true/yes and 0/false/no (any
@@ -124,7 +130,8 @@ def parse_arg(arg: str | None, defaults: dict[str, Any], positional: str | None 
         key = key.strip()
         if key not in defaults:
             raise ValueError(
-                f"Unknown config argument {key!r}; valid: {', '.join(sorted(defaults))}.")
+                f"Unknown config argument {key!r}; valid: {', '.join(sorted(defaults))}."
+            )
         result[key] = _coerce(key, value.strip(), defaults[key])
     return result
 
@@ -136,6 +143,7 @@ def model_variants(model_name: str) -> Mapping[str, Any]:
       ValueError: for another model name.
     """
     from nfnets_jax import nfnet, nfresnet  # Imported here: config files stay light.
+
     tables = {"NFNet": nfnet.VARIANTS, "NFResNet": nfresnet.VARIANTS}
     if model_name not in tables:
         raise ValueError(f"Unknown model_name {model_name!r}; valid: {', '.join(tables)}.")
@@ -146,8 +154,9 @@ def check_variant(model_name: str, variant: str) -> None:
     """Raises a ValueError listing the valid variants if `variant` is not one of them."""
     variants = model_variants(model_name)
     if variant not in variants:
-        raise ValueError(f"Unknown {model_name} variant {variant!r}; valid variants: "
-                         f"{', '.join(variants)}.")
+        raise ValueError(
+            f"Unknown {model_name} variant {variant!r}; valid variants: {', '.join(variants)}."
+        )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -166,13 +175,14 @@ def _structure_of(key: str) -> Callable[[Any], Any] | None:
     if key in RESUME_STRUCTURE:
         return RESUME_STRUCTURE[key]
     if key.startswith("config.model."):
-        return None if key[len("config.model."):] in MODEL_FIELDS_SAFE_TO_CHANGE else (
-            lambda v: v)
+        return None if key[len("config.model.") :] in MODEL_FIELDS_SAFE_TO_CHANGE else (lambda v: v)
     return None
 
 
-def resume_changes(saved: Mapping[str, Any], new: Mapping[str, Any],
-                   ) -> tuple[list[str], list[str]]:
+def resume_changes(
+    saved: Mapping[str, Any],
+    new: Mapping[str, Any],
+) -> tuple[list[str], list[str]]:
     """Differences between a workdir's config record and the config of a run resuming it.
 
     Args:

@@ -18,6 +18,7 @@ functions, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) thr
 unsupported; use `layers.forced_conv_grad("xla")` for that. Gradients equal autodiff's up to
 float32 summation order (tests/test_conv_grad.py).
 """
+
 import functools
 
 import jax
@@ -36,8 +37,10 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def _padding(x_shape, w_shape, stride):
-    return (same_padding(x_shape[1], w_shape[0], stride),
-            same_padding(x_shape[2], w_shape[1], stride))
+    return (
+        same_padding(x_shape[1], w_shape[0], stride),
+        same_padding(x_shape[2], w_shape[1], stride),
+    )
 
 
 def _dot32(a, b, dimension_numbers):
@@ -82,8 +85,9 @@ def _conv1x1_bwd(residuals, g):
 conv1x1.defvjp(_conv1x1_fwd, _conv1x1_bwd)
 
 
-def ws_statistics(w: jax.Array, eps: float, eps_mode: str
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def ws_statistics(
+    w: jax.Array, eps: float, eps_mode: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-unit (mean, fan_in * var, rsqrt of the epsilon-guarded fan_in * var) of HWIO `w`.
 
     Weight standardisation is then (w - mean) * rsqrt * gain, computed as
@@ -103,8 +107,9 @@ def ws_statistics(w: jax.Array, eps: float, eps_mode: str
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
-                       eps_mode: str = "max") -> jax.Array:
+def standardize_weight(
+    w: jax.Array, gain: jax.Array, eps: float = 1e-4, eps_mode: str = "max"
+) -> jax.Array:
     """Same value as `layers.standardize_weight`; closed-form backward pass (two per-unit
     sums over the fan-in and one elementwise pass)."""
     mean, _, rsqrt = ws_statistics(w, eps, eps_mode)
@@ -134,7 +139,7 @@ def _ws_bwd(eps, eps_mode, residuals, g):
     sum_gx = jnp.sum(g2 * w2, axis=0) - mean * sum_g
     r = rsqrt.reshape(units).astype(jnp.float32)
     gain32 = gain.astype(jnp.float32)
-    dt = -0.5 * gain32 * sum_gx * r ** 3
+    dt = -0.5 * gain32 * sum_gx * r**3
     if eps_mode == "max":
         dt = jnp.where(sum_sq.reshape(units) > eps, dt, 0.0)
     dw = (r * gain32) * (g2 - sum_g / fan_in) + 2.0 * xc * dt

@@ -7,6 +7,7 @@ leaving out the squeeze-excite matmuls would give 12.36B for F0. Grouped convolu
 traced with the "native" strategy (and autodiff-ready "xla" convolutions) so the count does
 not depend on the execution strategy.
 """
+
 from collections.abc import Callable
 from typing import Any
 
@@ -66,8 +67,9 @@ def count_macs(apply_fn: Callable[..., Any], *args: Any) -> int:
     return sum(_walk(jax.make_jaxpr(apply_fn)(*args).jaxpr))
 
 
-def model_counts(model_fn: Callable[[jax.Array], Any], resolution: int,
-                 batch: int = 1) -> dict[str, int]:
+def model_counts(
+    model_fn: Callable[[jax.Array], Any], resolution: int, batch: int = 1
+) -> dict[str, int]:
     """Parameter count, module count and per-image MACs of a Haiku model function.
 
     Args:

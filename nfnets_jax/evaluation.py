@@ -13,6 +13,7 @@ shaped like `data.pipeline.eval_iterator`'s: {"images": [D, B, H, W, 3] float,
 are never counted, so each real example counts exactly once. Counts are summed across every
 device of every process with `parallel.psum`, so all processes return the global result.
 """
+
 import dataclasses
 import os
 import sys
@@ -40,14 +41,14 @@ class EvalResult:
       count: number of examples counted (padding excluded).
       loss: mean softmax cross-entropy.
     """
+
     top1: float
     top5: float
     count: int
     loss: float
 
 
-def model_apply_fn(variant: str = "F0", num_classes: int = 1000,
-                   **model_kwargs: Any) -> ApplyFn:
+def model_apply_fn(variant: str = "F0", num_classes: int = 1000, **model_kwargs: Any) -> ApplyFn:
     """`apply(params, images) -> logits` of `nfnet.NFNet` in inference mode.
 
     Args:
@@ -55,6 +56,7 @@ def model_apply_fn(variant: str = "F0", num_classes: int = 1000,
       num_classes: classifier size.
       **model_kwargs: further `nfnet.NFNet` arguments (numerics, width, depths, ...).
     """
+
     def forward(images: jax.Array) -> jax.Array:
         model = nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)
         return model(images, is_training=False)["logits"]
@@ -62,9 +64,15 @@ def model_apply_fn(variant: str = "F0", num_classes: int = 1000,
     return hk.without_apply_rng(hk.transform(forward)).apply
 
 
-def init_params(variant: str = "F0", num_classes: int = 1000, image_size: int = 32,
-                seed: int = 0, **model_kwargs: Any) -> hk.Params:
+def init_params(
+    variant: str = "F0",
+    num_classes: int = 1000,
+    image_size: int = 32,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> hk.Params:
     """Freshly initialised parameters of `nfnet.NFNet` (host numpy), e.g. for tests."""
+
     def forward(images: jax.Array) -> jax.Array:
         model = nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)
         return model(images, is_training=False)["logits"]
@@ -96,6 +104,7 @@ def batch_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[
 
 def make_eval_step(apply_fn: ApplyFn) -> Callable[..., dict[str, jax.Array]]:
     """A pmapped step: (replicated params, sharded batch) -> global sums (replicated)."""
+
     def step(params: hk.Params, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         logits = apply_fn(params, batch["images"])
         return parallel.psum(batch_counts(logits, batch["labels"], batch["mask"]))
@@ -106,20 +115,28 @@ def make_eval_step(apply_fn: ApplyFn) -> Callable[..., dict[str, jax.Array]]:
 def _check_batch(batch: Mapping[str, Any], num_devices: int, index: int) -> None:
     for key in ("images", "labels", "mask"):
         if key not in batch:
-            raise KeyError(f"Batch {index} has no {key!r}; eval batches need 'images', "
-                           f"'labels' and 'mask' shaped [devices, per_device, ...].")
+            raise KeyError(
+                f"Batch {index} has no {key!r}; eval batches need 'images', "
+                f"'labels' and 'mask' shaped [devices, per_device, ...]."
+            )
     images, labels, mask = (np.shape(batch[k]) for k in ("images", "labels", "mask"))
     if images[0] != num_devices or len(images) != 5:
-        raise ValueError(f"Batch {index}: images must be [devices={num_devices}, B, H, W, C], "
-                         f"got {images}.")
+        raise ValueError(
+            f"Batch {index}: images must be [devices={num_devices}, B, H, W, C], got {images}."
+        )
     if labels != images[:2] or mask != images[:2]:
-        raise ValueError(f"Batch {index}: labels {labels} and mask {mask} must both be "
-                         f"{images[:2]} (the images' leading axes).")
+        raise ValueError(
+            f"Batch {index}: labels {labels} and mask {mask} must both be "
+            f"{images[:2]} (the images' leading axes)."
+        )
 
 
-def evaluate(apply_fn: ApplyFn, params: hk.Params,
-             batches: Iterable[Mapping[str, Any]],
-             eval_step: Callable[..., Any] | None = None) -> EvalResult:
+def evaluate(
+    apply_fn: ApplyFn,
+    params: hk.Params,
+    batches: Iterable[Mapping[str, Any]],
+    eval_step: Callable[..., Any] | None = None,
+) -> EvalResult:
     """Top-1 / top-5 accuracy of `params` over `batches`, data parallel with pmap.
 
     Args:
@@ -143,17 +160,24 @@ def evaluate(apply_fn: ApplyFn, params: hk.Params,
         _check_batch(batch, num_devices, index)
         labels = np.asarray(batch["labels"]).astype(np.int32)
         mask = np.asarray(batch["mask"]).astype(np.float32)
-        sums = eval_step(replicated, parallel.shard({
-            "images": np.asarray(batch["images"], np.float32), "labels": labels,
-            "mask": mask}))
+        sums = eval_step(
+            replicated,
+            parallel.shard(
+                {"images": np.asarray(batch["images"], np.float32), "labels": labels, "mask": mask}
+            ),
+        )
         # Device sums are float32; adding per batch in float64 keeps counts exact.
         for key, value in parallel.unreplicate(sums).items():
             totals[key] += float(value)
     count = int(round(totals["count"]))
     if count == 0:
         raise ValueError("No examples were evaluated (empty iterator or all masks zero).")
-    return EvalResult(top1=totals["top1"] / count, top5=totals["top5"] / count, count=count,
-                      loss=totals["loss"] / count)
+    return EvalResult(
+        top1=totals["top1"] / count,
+        top5=totals["top5"] / count,
+        count=count,
+        loss=totals["loss"] / count,
+    )
 
 
 def predict_logits(apply_fn: ApplyFn, params: hk.Params, images: np.ndarray) -> np.ndarray:
@@ -185,14 +209,18 @@ def load_workdir_params(workdir: str, step: int | None = None, ema: bool = True)
     state = manager.restore(int(step), args=ocp.args.StandardRestore())
     manager.close()
     state = state if isinstance(state, Mapping) else dataclasses.asdict(state)
-    for key in (("ema_params", "params") if ema else ("params",)):
+    for key in ("ema_params", "params") if ema else ("params",):
         if key in state and state[key] is not None:
             return jax.tree.map(np.asarray, state[key])
     raise KeyError(f"Checkpoint {step} in {directory} has no 'params' (keys: {sorted(state)}).")
 
 
-def load_checkpoint(checkpoint: str, variant: str | None = None, ema: bool = True,
-                    progress: TextIO | None = sys.stderr) -> tuple[hk.Params, dict[str, Any]]:
+def load_checkpoint(
+    checkpoint: str,
+    variant: str | None = None,
+    ema: bool = True,
+    progress: TextIO | None = sys.stderr,
+) -> tuple[hk.Params, dict[str, Any]]:
     """Parameters of any checkpoint and the `nfnet.NFNet` arguments that fit them.
 
     Args:
@@ -238,6 +266,7 @@ class EvalReport:
       published_top1, published_top5: the paper's ImageNet numbers (%), or None.
       published_resolution: the resolution those were measured at.
     """
+
     checkpoint: str
     model: str
     dataset: str
@@ -261,14 +290,23 @@ def published(variant: str) -> tuple[float, float] | None:
     return None if entry is None else (entry.top1, entry.top5)
 
 
-def evaluate_checkpoint(checkpoint: str, dataset: str = "imagenet2012", *,
-                        variant: str | None = None, resolution: int | None = None,
-                        global_batch_size: int | None = None, data_dir: str | None = None,
-                        split: str | None = None, manual_dir: str | None = None,
-                        numerics: str | None = None, ema: bool = True,
-                        group_conv: str = "auto", margin: int | None = None,
-                        params: hk.Params | None = None,
-                        model_kwargs: Mapping[str, Any] | None = None) -> EvalReport:
+def evaluate_checkpoint(
+    checkpoint: str,
+    dataset: str = "imagenet2012",
+    *,
+    variant: str | None = None,
+    resolution: int | None = None,
+    global_batch_size: int | None = None,
+    data_dir: str | None = None,
+    split: str | None = None,
+    manual_dir: str | None = None,
+    numerics: str | None = None,
+    ema: bool = True,
+    group_conv: str = "auto",
+    margin: int | None = None,
+    params: hk.Params | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> EvalReport:
     """Accuracy of a checkpoint on a dataset with the paper's protocol (REFERENCE §5).
 
     Images are squash-resized (bicubic) to (S + 32)^2 and centre-cropped to S^2 by
@@ -306,24 +344,44 @@ def evaluate_checkpoint(checkpoint: str, dataset: str = "imagenet2012", *,
     custom = "depths" in kwargs
     resolution = resolution or spec["test_imsize"]
     global_batch_size = global_batch_size or 16 * jax.device_count()
-    batches = pipeline.eval_iterator(dataset, data_dir=data_dir, split=split,
-                                     global_batch_size=global_batch_size,
-                                     image_size=resolution, margin=margin,
-                                     manual_dir=manual_dir)
+    batches = pipeline.eval_iterator(
+        dataset,
+        data_dir=data_dir,
+        split=split,
+        global_batch_size=global_batch_size,
+        image_size=resolution,
+        margin=margin,
+        manual_dir=manual_dir,
+    )
     result = evaluate(model_apply_fn(**kwargs), params, batches)
     pub = None if custom or dataset != "imagenet2012" else published(kwargs["variant"])
     return EvalReport(
-        checkpoint=checkpoint, model=describe_model(kwargs),
-        dataset=f"{dataset}:{split}" if split else dataset, resolution=resolution,
-        result=result, published_top1=pub[0] if pub else None,
+        checkpoint=checkpoint,
+        model=describe_model(kwargs),
+        dataset=f"{dataset}:{split}" if split else dataset,
+        resolution=resolution,
+        result=result,
+        published_top1=pub[0] if pub else None,
         published_top5=pub[1] if pub else None,
-        published_resolution=spec["test_imsize"] if pub else None)
+        published_resolution=spec["test_imsize"] if pub else None,
+    )
 
 
 def format_table(reports: Sequence[EvalReport]) -> str:
     """A text table of measured and published accuracy (percent)."""
-    header = ("model", "checkpoint", "dataset", "px", "examples", "top-1", "top-5",
-              "paper top-1", "paper top-5", "delta top-1")
+    header = (
+        "model",
+        "checkpoint",
+        "dataset",
+        "px",
+        "examples",
+        "top-1",
+        "top-5",
+        "paper top-1",
+        "paper top-5",
+        "delta top-1",
+    )
+
     def pub(value: float | None, r: EvalReport) -> str:
         if value is None:
             return "-"
@@ -332,20 +390,34 @@ def format_table(reports: Sequence[EvalReport]) -> str:
 
     rows = []
     for r in reports:
-        delta = ("-" if r.published_top1 is None
-                 else f"{100 * r.result.top1 - r.published_top1:+.2f}")
-        rows.append((r.model, r.checkpoint, r.dataset, str(r.resolution), str(r.result.count),
-                     f"{100 * r.result.top1:.2f}", f"{100 * r.result.top5:.2f}",
-                     pub(r.published_top1, r), pub(r.published_top5, r), delta))
+        delta = (
+            "-" if r.published_top1 is None else f"{100 * r.result.top1 - r.published_top1:+.2f}"
+        )
+        rows.append(
+            (
+                r.model,
+                r.checkpoint,
+                r.dataset,
+                str(r.resolution),
+                str(r.result.count),
+                f"{100 * r.result.top1:.2f}",
+                f"{100 * r.result.top5:.2f}",
+                pub(r.published_top1, r),
+                pub(r.published_top5, r),
+                delta,
+            )
+        )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-    return "\n".join([line(header), line(tuple("-" * w for w in widths))]
-                     + [line(row) for row in rows])
+    return "\n".join(
+        [line(header), line(tuple("-" * w for w in widths))] + [line(row) for row in rows]
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """The top classes of one image: (label index, class name, probability), best first."""
+
     path: str
     top: tuple[tuple[int, str, float], ...]
 
@@ -367,18 +439,26 @@ def preprocess_files(paths: Sequence[str], resolution: int, margin: int = 32) ->
     return np.stack(images)
 
 
-def classify_files(apply_fn: ApplyFn, params: hk.Params, paths: Sequence[str],
-                   class_names: Sequence[str], resolution: int, top_k: int = 5,
-                   margin: int = 32) -> list[Prediction]:
+def classify_files(
+    apply_fn: ApplyFn,
+    params: hk.Params,
+    paths: Sequence[str],
+    class_names: Sequence[str],
+    resolution: int,
+    top_k: int = 5,
+    margin: int = 32,
+) -> list[Prediction]:
     """The `top_k` most probable classes of each image file (softmax probabilities)."""
     logits = predict_logits(apply_fn, params, preprocess_files(paths, resolution, margin))
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
     if len(class_names) != probs.shape[-1]:
-        raise ValueError(f"{len(class_names)} class names for a model with "
-                         f"{probs.shape[-1]} classes.")
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {probs.shape[-1]} classes."
+        )
     predictions = []
     for path, p in zip(paths, probs):
         order = np.argsort(-p, kind="stable")[:top_k]
-        predictions.append(Prediction(path, tuple((int(i), class_names[i], float(p[i]))
-                                                  for i in order)))
+        predictions.append(
+            Prediction(path, tuple((int(i), class_names[i], float(p[i])) for i in order))
+        )
     return predictions

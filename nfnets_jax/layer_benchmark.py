@@ -13,6 +13,7 @@ convolution, through `layers.grouped_conv` (same grouped-convolution strategy an
 `conv_grad` routing as the model). torch runs `torch.nn.functional.conv2d` in NCHW (oneDNN
 on CPU) with the same SAME padding.
 """
+
 from __future__ import annotations
 
 import collections
@@ -51,12 +52,13 @@ class ConvLayer:
 
     def macs(self, batch: int) -> int:
         """Forward multiply-accumulates for `batch` images."""
-        return (batch * self.out_size ** 2 * self.out_ch * self.kernel ** 2 * self.in_ch
-                // self.groups)
+        return batch * self.out_size**2 * self.out_ch * self.kernel**2 * self.in_ch // self.groups
 
     def label(self) -> str:
-        return (f"{self.size}px {self.in_ch}->{self.out_ch} g{self.groups} "
-                f"k{self.kernel} s{self.stride}" + (" (images)" if self.takes_images else ""))
+        return (
+            f"{self.size}px {self.in_ch}->{self.out_ch} g{self.groups} "
+            f"k{self.kernel} s{self.stride}" + (" (images)" if self.takes_images else "")
+        )
 
 
 def conv_layers(config: benchmarking.BenchmarkConfig) -> collections.Counter:
@@ -69,9 +71,17 @@ def conv_layers(config: benchmarking.BenchmarkConfig) -> collections.Counter:
         module = context.module
         if isinstance(module, layers.WSConv2D) and context.method_name == "__call__":
             x = args[0]
-            found[ConvLayer(x.shape[1], x.shape[-1], module.output_channels, module.groups,
-                            module.kernel_shape, module.stride,
-                            takes_images=not found)] += 1
+            found[
+                ConvLayer(
+                    x.shape[1],
+                    x.shape[-1],
+                    module.output_channels,
+                    module.groups,
+                    module.kernel_shape,
+                    module.stride,
+                    takes_images=not found,
+                )
+            ] += 1
         return next_f(*args, **kwargs)
 
     def traced(images):
@@ -86,30 +96,37 @@ def conv_layers(config: benchmarking.BenchmarkConfig) -> collections.Counter:
 
 def _arrays(layer: ConvLayer, batch: int, seed: int) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
-    fan_in = layer.kernel ** 2 * layer.in_ch // layer.groups
+    fan_in = layer.kernel**2 * layer.in_ch // layer.groups
     x = rng.standard_normal((batch, layer.size, layer.size, layer.in_ch), np.float32)
-    w = rng.standard_normal((layer.kernel, layer.kernel, layer.in_ch // layer.groups,
-                             layer.out_ch), np.float32) / np.float32(np.sqrt(fan_in))
-    r = rng.standard_normal((batch, layer.out_size, layer.out_size, layer.out_ch),
-                            np.float32)
+    w = rng.standard_normal(
+        (layer.kernel, layer.kernel, layer.in_ch // layer.groups, layer.out_ch), np.float32
+    ) / np.float32(np.sqrt(fan_in))
+    r = rng.standard_normal((batch, layer.out_size, layer.out_size, layer.out_ch), np.float32)
     return x, w, r
 
 
-def jax_call(layer: ConvLayer, x: np.ndarray, w: np.ndarray, r: np.ndarray,
-             group_conv: str, impl: str, input_grad: bool) -> Callable[[], Any]:
+def jax_call(
+    layer: ConvLayer,
+    x: np.ndarray,
+    w: np.ndarray,
+    r: np.ndarray,
+    group_conv: str,
+    impl: str,
+    input_grad: bool,
+) -> Callable[[], Any]:
     """A compiled forward + backward of one convolution, ready to time."""
 
     def loss(a, b, c):
-        return jnp.sum(layers.grouped_conv(a, b, layer.stride, layer.groups, group_conv,
-                                           impl) * c)
+        return jnp.sum(layers.grouped_conv(a, b, layer.stride, layer.groups, group_conv, impl) * c)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1) if input_grad else 1))
     args = [jnp.asarray(v) for v in (x, w, r)]
     return lambda: jax.block_until_ready(grad(*args))
 
 
-def torch_call(layer: ConvLayer, x: np.ndarray, w: np.ndarray, r: np.ndarray,
-               input_grad: bool) -> Callable[[], Any]:
+def torch_call(
+    layer: ConvLayer, x: np.ndarray, w: np.ndarray, r: np.ndarray, input_grad: bool
+) -> Callable[[], Any]:
     """The same forward + backward in PyTorch (NCHW, explicit SAME padding)."""
     import torch  # Optional dependency: only for the comparison.
 
@@ -117,24 +134,31 @@ def torch_call(layer: ConvLayer, x: np.ndarray, w: np.ndarray, r: np.ndarray,
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(input_grad)
     tw = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_(True)
     tr = torch.from_numpy(r.transpose(0, 3, 1, 2).copy())
-    (top, bottom), (left, right) = [conv_grad.same_padding(layer.size, layer.kernel,
-                                                           layer.stride)] * 2
+    (top, bottom), (left, right) = [
+        conv_grad.same_padding(layer.size, layer.kernel, layer.stride)
+    ] * 2
     symmetric = top == bottom
 
     def call():
         tx.grad = tw.grad = None
         inp = tx if symmetric else functional.pad(tx, (left, right, top, bottom))
-        out = functional.conv2d(inp, tw, stride=layer.stride,
-                                padding=top if symmetric else 0, groups=layer.groups)
+        out = functional.conv2d(
+            inp, tw, stride=layer.stride, padding=top if symmetric else 0, groups=layer.groups
+        )
         (out * tr).sum().backward()
         return tw.grad
 
     return call
 
 
-def run(config: benchmarking.BenchmarkConfig, impls: Sequence[str] = ("xla", "matmul"),
-        compare_torch: bool = False, repeats: int = 5, warmup: int = 1,
-        iters: int = 5) -> dict[str, Any]:
+def run(
+    config: benchmarking.BenchmarkConfig,
+    impls: Sequence[str] = ("xla", "matmul"),
+    compare_torch: bool = False,
+    repeats: int = 5,
+    warmup: int = 1,
+    iters: int = 5,
+) -> dict[str, Any]:
     """Times every distinct convolution of the configured model (module docstring).
 
     Each timed run is `iters` back-to-back calls (their mean is recorded). Single calls
@@ -156,13 +180,16 @@ def run(config: benchmarking.BenchmarkConfig, impls: Sequence[str] = ("xla", "ma
     names = [f"jax {impl}" for impl in impls] + (["torch"] if compare_torch else [])
     if compare_torch:
         import torch
+
         torch.set_num_threads(benchmarking.cpu_cores())
     rows = []
     for index, (layer, count) in enumerate(sorted(conv_layers(config).items())):
         x, w, r = _arrays(layer, config.batch_size, index)
         input_grad = not layer.takes_images
-        calls = {f"jax {impl}": jax_call(layer, x, w, r, config.group_conv, impl,
-                                         input_grad) for impl in impls}
+        calls = {
+            f"jax {impl}": jax_call(layer, x, w, r, config.group_conv, impl, input_grad)
+            for impl in impls
+        }
         if compare_torch:
             calls["torch"] = torch_call(layer, x, w, r, input_grad)
         for call in calls.values():
@@ -178,29 +205,43 @@ def run(config: benchmarking.BenchmarkConfig, impls: Sequence[str] = ("xla", "ma
                 for _ in range(iters):
                     call()
                 times[name].append(1e3 * (time.perf_counter() - start) / iters)
-        rows.append({"layer": dataclasses.asdict(layer), "label": layer.label(),
-                     "count": count, "gmacs": layer.macs(config.batch_size) / 1e9,
-                     "times_ms": times,
-                     "median_ms": {n: float(np.median(t)) for n, t in times.items()}})
-    total = {n: float(sum(row["count"] * row["median_ms"][n] for row in rows))
-             for n in names}
-    return {"layers": rows, "total_ms": total, "implementations": names,
-            "config": dataclasses.asdict(config)}
+        rows.append(
+            {
+                "layer": dataclasses.asdict(layer),
+                "label": layer.label(),
+                "count": count,
+                "gmacs": layer.macs(config.batch_size) / 1e9,
+                "times_ms": times,
+                "median_ms": {n: float(np.median(t)) for n, t in times.items()},
+            }
+        )
+    total = {n: float(sum(row["count"] * row["median_ms"][n] for row in rows)) for n in names}
+    return {
+        "layers": rows,
+        "total_ms": total,
+        "implementations": names,
+        "config": dataclasses.asdict(config),
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
     """Per-layer milliseconds (median over rounds) and count-weighted totals."""
     names = result["implementations"]
     head = f"{'layer':32s} | {'calls':>5s} | {'GMAC':>6s} | " + " | ".join(
-        f"{n + ' ms':>12s}" for n in names)
+        f"{n + ' ms':>12s}" for n in names
+    )
     lines = [head, "-" * len(head)]
     for row in result["layers"]:
-        lines.append(f"{row['label']:32s} | {row['count']:5d} | {row['gmacs']:6.3f} | "
-                     + " | ".join(f"{row['median_ms'][n]:12.2f}" for n in names))
+        lines.append(
+            f"{row['label']:32s} | {row['count']:5d} | {row['gmacs']:6.3f} | "
+            + " | ".join(f"{row['median_ms'][n]:12.2f}" for n in names)
+        )
     lines.append("-" * len(head))
     total = result["total_ms"]
-    lines.append(f"{'total (calls x median)':32s} | {'':5s} | {'':6s} | "
-                 + " | ".join(f"{total[n]:12.1f}" for n in names))
+    lines.append(
+        f"{'total (calls x median)':32s} | {'':5s} | {'':6s} | "
+        + " | ".join(f"{total[n]:12.1f}" for n in names)
+    )
     if "torch" in total:
         for n in names[:-1]:
             lines.append(f"ratio {n} / torch: {total[n] / total['torch']:.3f}")

@@ -14,6 +14,7 @@ Independently, the backward pass of every WS convolution can be computed two way
 weight-standardisation backward pass, the fast path on XLA:CPU). "auto" resolves per
 backend (`default_conv_grad`).
 """
+
 import contextlib
 from collections.abc import Iterator
 
@@ -27,8 +28,9 @@ from nfnets_jax import conv_grad
 class _BackendChoice:
     """A named implementation choice: valid names, a per-backend "auto", a forcing context."""
 
-    def __init__(self, what: str, options: tuple[str, ...], defaults: dict[str, str],
-                 fallback: str):
+    def __init__(
+        self, what: str, options: tuple[str, ...], defaults: dict[str, str], fallback: str
+    ):
         self.what, self.options = what, options
         self.defaults, self.fallback = defaults, fallback
         self.forced_stack: list[str] = []
@@ -38,8 +40,11 @@ class _BackendChoice:
 
     def resolve(self, name: str) -> str:
         if name != "auto" and name not in self.options:
-            raise ValueError(f"Unknown {self.what} {name!r}; valid: 'auto', "
-                             + ", ".join(repr(s) for s in self.options) + ".")
+            raise ValueError(
+                f"Unknown {self.what} {name!r}; valid: 'auto', "
+                + ", ".join(repr(s) for s in self.options)
+                + "."
+            )
         if self.forced_stack:
             return self.forced_stack[-1]
         return self.default() if name == "auto" else name
@@ -58,10 +63,10 @@ CONV_GRAD_IMPLS = ("xla", "matmul")
 # Fastest choice per backend, measured with scripts/benchmark.py (README "Performance").
 # GPU/TPU keep native grouped convolutions and XLA's gradients (not measured here: no
 # accelerator was available).
-_GROUP_CONV = _BackendChoice("group_conv strategy", GROUP_CONV_STRATEGIES, {"cpu": "split"},
-                             "native")
-_CONV_GRAD = _BackendChoice("conv_grad implementation", CONV_GRAD_IMPLS, {"cpu": "matmul"},
-                            "xla")
+_GROUP_CONV = _BackendChoice(
+    "group_conv strategy", GROUP_CONV_STRATEGIES, {"cpu": "split"}, "native"
+)
+_CONV_GRAD = _BackendChoice("conv_grad implementation", CONV_GRAD_IMPLS, {"cpu": "matmul"}, "xla")
 
 
 def default_group_conv(backend: str | None = None) -> str:
@@ -94,8 +99,9 @@ def forced_conv_grad(impl: str) -> contextlib.AbstractContextManager[None]:
     return _CONV_GRAD.forced(impl)
 
 
-def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
-                       eps_mode: str = "max") -> jax.Array:
+def standardize_weight(
+    w: jax.Array, gain: jax.Array, eps: float = 1e-4, eps_mode: str = "max"
+) -> jax.Array:
     """Scaled weight standardisation of an HWIO kernel, per output unit.
 
     Reference ("max"): (w - mean) * gain / sqrt(max(fan_in * var, eps)), fan_in = H*W*I.
@@ -106,8 +112,14 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
     return w * scale - mean * scale
 
 
-def grouped_conv(x: jax.Array, w: jax.Array, stride: int, groups: int,
-                 strategy: str = "native", grad: str = "xla") -> jax.Array:
+def grouped_conv(
+    x: jax.Array,
+    w: jax.Array,
+    stride: int,
+    groups: int,
+    strategy: str = "native",
+    grad: str = "xla",
+) -> jax.Array:
     """NHWC x HWIO convolution with TF-style SAME padding and `groups` feature groups.
 
     `grad="matmul"` routes every ungrouped convolution (all of them under "split" and
@@ -120,8 +132,14 @@ def grouped_conv(x: jax.Array, w: jax.Array, stride: int, groups: int,
         if g == 1 and matmul_grad:
             return conv_grad.conv2d_same(lhs, rhs, stride)
         return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides=(stride, stride), padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
+            lhs,
+            rhs,
+            window_strides=(stride, stride),
+            padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=g,
+        )
+
     if groups == 1 or strategy == "native":
         return conv(x, w, groups)
     if strategy == "split":
@@ -145,10 +163,19 @@ class WSConv2D(hk.Module):
     strategy and `conv_grad` the backward-pass implementation (module docstring).
     """
 
-    def __init__(self, output_channels: int, kernel_shape: int = 1, stride: int = 1,
-                 feature_group_count: int = 1, with_bias: bool = True, eps: float = 1e-4,
-                 eps_mode: str = "max", group_conv: str = "auto", conv_grad: str = "auto",
-                 name: str | None = None):
+    def __init__(
+        self,
+        output_channels: int,
+        kernel_shape: int = 1,
+        stride: int = 1,
+        feature_group_count: int = 1,
+        with_bias: bool = True,
+        eps: float = 1e-4,
+        eps_mode: str = "max",
+        group_conv: str = "auto",
+        conv_grad: str = "auto",
+        name: str | None = None,
+    ):
         super().__init__(name=name)
         self.output_channels = output_channels
         self.kernel_shape = kernel_shape
@@ -161,14 +188,18 @@ class WSConv2D(hk.Module):
         self.conv_grad = conv_grad
         resolve_conv_grad(conv_grad)
         if output_channels % feature_group_count:
-            raise ValueError(f"output_channels={output_channels} is not divisible by "
-                             f"feature_group_count={feature_group_count}.")
+            raise ValueError(
+                f"output_channels={output_channels} is not divisible by "
+                f"feature_group_count={feature_group_count}."
+            )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         in_ch = x.shape[-1]
         if in_ch % self.groups:
-            raise ValueError(f"{self.module_name}: {in_ch} input channels are not divisible "
-                             f"by {self.groups} groups.")
+            raise ValueError(
+                f"{self.module_name}: {in_ch} input channels are not divisible "
+                f"by {self.groups} groups."
+            )
         k = self.kernel_shape
         w_shape = (k, k, in_ch // self.groups, self.output_channels)
         w_init = hk.initializers.VarianceScaling(1.0, "fan_in", "normal")
@@ -179,8 +210,7 @@ class WSConv2D(hk.Module):
         w_hat = ws(w, gain, self.eps, self.eps_mode)
         out = grouped_conv(x, w_hat, self.stride, self.groups, self.group_conv, grad)
         if self.with_bias:
-            out = out + hk.get_parameter("bias", (self.output_channels,), out.dtype,
-                                         init=jnp.zeros)
+            out = out + hk.get_parameter("bias", (self.output_channels,), out.dtype, init=jnp.zeros)
         return out
 
 
@@ -191,8 +221,9 @@ class SqueezeExcite(hk.Module):
     `2 * gate * x`). Submodules are `linear` and `linear_1`, as in the release.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5,
-                 name: str | None = "squeeze_excite"):
+    def __init__(
+        self, in_ch: int, out_ch: int, se_ratio: float = 0.5, name: str | None = "squeeze_excite"
+    ):
         super().__init__(name=name)
         self.hidden_ch = max(1, int(in_ch * se_ratio))
         self.fc0 = hk.Linear(self.hidden_ch, with_bias=True)
@@ -204,8 +235,9 @@ class SqueezeExcite(hk.Module):
         return jax.nn.sigmoid(h)[:, None, None, :]
 
 
-def stochastic_depth(x: jax.Array, rate: float, is_training: bool,
-                     rng: jax.Array | None = None) -> jax.Array:
+def stochastic_depth(
+    x: jax.Array, rate: float, is_training: bool, rng: jax.Array | None = None
+) -> jax.Array:
     """Drops the whole residual branch of each example with probability `rate`.
 
     No 1/keep rescaling (as the reference); the identity at evaluation or when rate == 0.
@@ -222,5 +254,6 @@ def stochastic_depth(x: jax.Array, rate: float, is_training: bool,
 
 def avg_pool_same(x: jax.Array, window: int = 2, stride: int = 2) -> jax.Array:
     """NHWC average pool, TF-style SAME padding, dividing by the count of unpadded inputs."""
-    return hk.avg_pool(x, window_shape=(1, window, window, 1), strides=(1, stride, stride, 1),
-                       padding="SAME")
+    return hk.avg_pool(
+        x, window_shape=(1, window, window, 1), strides=(1, stride, stride, 1), padding="SAME"
+    )

@@ -5,6 +5,7 @@ other processes get a writer that does nothing. Files go to the workdir:
 `<workdir>/metrics.jsonl` (one JSON object per logging step: {"step", "split", name: value})
 and TensorBoard event files under `<workdir>/tensorboard/`.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ class MetricWriter:
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             from tensorboardX import SummaryWriter  # Imported lazily: only process 0 needs it.
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
@@ -68,8 +70,13 @@ def read_jsonl(path: str) -> list[dict]:
 class Progress:
     """A live progress line: step, images/s, loss, lr, ETA."""
 
-    def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0,
-                 enabled: bool | None = None):
+    def __init__(
+        self,
+        total_steps: int,
+        global_batch_size: int,
+        start_step: int = 0,
+        enabled: bool | None = None,
+    ):
         """Starts the clock at `start_step`."""
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
@@ -88,8 +95,10 @@ class Progress:
         seconds_per_step = max(now - self._last_time, 1e-9) / steps
         images_per_second = self.global_batch_size / seconds_per_step
         eta = _format_duration(seconds_per_step * max(self.total_steps - step, 0))
-        line = (f"step {step}/{self.total_steps} | {images_per_second:,.1f} img/s | "
-                f"loss {loss:.4f} | lr {lr:.4g} | ETA {eta}")
+        line = (
+            f"step {step}/{self.total_steps} | {images_per_second:,.1f} img/s | "
+            f"loss {loss:.4f} | lr {lr:.4g} | ETA {eta}"
+        )
         self._last_step, self._last_time = step, now
         if self.enabled:
             print(line, file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 Module paths and parameter names reproduce DeepMind's released checkpoints exactly
 (REFERENCE §6), so a released parameter file drops in with no renaming.
 """
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,9 +33,14 @@ def _make_variants() -> dict[str, dict[str, Any]]:
     for index, (mult, train_px, test_px, magnitude, drop) in _F_TABLE.items():
         for suffix, widths in (("", _F_WIDTHS), ("+", _PLUS_WIDTHS)):
             table[f"F{index}{suffix}"] = dict(
-                width=list(widths), depth=[mult, 2 * mult, 6 * mult, 3 * mult],
-                train_imsize=train_px, test_imsize=test_px, randaug_layers=4,
-                randaug_magnitude=magnitude, drop_rate=drop)
+                width=list(widths),
+                depth=[mult, 2 * mult, 6 * mult, 3 * mult],
+                train_imsize=train_px,
+                test_imsize=test_px,
+                randaug_layers=4,
+                randaug_magnitude=magnitude,
+                drop_rate=drop,
+            )
     return table
 
 
@@ -58,11 +64,15 @@ def check_images(x: jax.Array, in_channels: int, model: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{model} expects NHWC images of rank 4, got shape {tuple(x.shape)}.")
     if x.shape[-1] != in_channels:
-        raise ValueError(f"{model} expects {in_channels} input channels (NHWC, channels last), "
-                         f"got {x.shape[-1]} in shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"{model} expects {in_channels} input channels (NHWC, channels last), "
+            f"got {x.shape[-1]} in shape {tuple(x.shape)}."
+        )
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{model} expects floating-point images (normalised, e.g. float32 or "
-                        f"bfloat16), got dtype {x.dtype}; convert and normalise them first.")
+        raise TypeError(
+            f"{model} expects floating-point images (normalised, e.g. float32 or "
+            f"bfloat16), got dtype {x.dtype}; convert and normalise them first."
+        )
 
 
 def expected_stds(depths: Sequence[int], alpha: float) -> list[float]:
@@ -82,19 +92,33 @@ def _bottleneck_width(out_ch: int, expansion: float, group_size: int) -> tuple[i
     width = int(out_ch * expansion)
     groups = width // group_size
     if groups == 0:
-        raise ValueError(f"Bottleneck width {width} (out_ch={out_ch} * {expansion}) is smaller "
-                         f"than group_width={group_size}; lower group_width.")
+        raise ValueError(
+            f"Bottleneck width {width} (out_ch={out_ch} * {expansion}) is smaller "
+            f"than group_width={group_size}; lower group_width."
+        )
     return group_size * groups, groups
 
 
 class NFBlock(hk.Module):
     """Pre-activation normalizer-free bottleneck block with grouped 3x3 convs and SE."""
 
-    def __init__(self, in_ch: int, out_ch: int, *, expansion: float = 0.5,
-                 se_ratio: float = 0.5, group_size: int = 128, stride: int = 1,
-                 beta: float = 1.0, alpha: float = 0.2, activation: str = "gelu",
-                 conv_kwargs: dict[str, Any] | None = None, use_two_convs: bool = True,
-                 stochdepth_rate: float = 0.0, name: str | None = None):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        expansion: float = 0.5,
+        se_ratio: float = 0.5,
+        group_size: int = 128,
+        stride: int = 1,
+        beta: float = 1.0,
+        alpha: float = 0.2,
+        activation: str = "gelu",
+        conv_kwargs: dict[str, Any] | None = None,
+        use_two_convs: bool = True,
+        stochdepth_rate: float = 0.0,
+        name: str | None = None,
+    ):
         super().__init__(name=name)
         self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
         self.beta, self.alpha = beta, alpha
@@ -103,10 +127,14 @@ class NFBlock(hk.Module):
         self.width, self.groups = _bottleneck_width(out_ch, expansion, group_size)
         conv = lambda ch, k=1, **kw: layers.WSConv2D(ch, k, **(conv_kwargs or {}), **kw)
         self.conv0 = conv(self.width, 1, name="conv0")
-        self.conv1 = conv(self.width, 3, stride=stride, feature_group_count=self.groups,
-                          name="conv1")
-        self.conv1b = (conv(self.width, 3, feature_group_count=self.groups, name="conv1b")
-                       if use_two_convs else None)
+        self.conv1 = conv(
+            self.width, 3, stride=stride, feature_group_count=self.groups, name="conv1"
+        )
+        self.conv1b = (
+            conv(self.width, 3, feature_group_count=self.groups, name="conv1b")
+            if use_two_convs
+            else None
+        )
         self.conv2 = conv(out_ch, 1, name="conv2")
         self.use_projection = stride > 1 or in_ch != out_ch
         self.conv_shortcut = conv(out_ch, 1, name="conv_shortcut") if self.use_projection else None
@@ -141,9 +169,14 @@ def channel_stats(x: jax.Array) -> dict[str, jax.Array]:
     return {"avg_sq_mean": jnp.mean(mean**2), "avg_var": jnp.mean(jnp.var(x, axis=(0, 1, 2)))}
 
 
-def run_body(stem_out: jax.Array, blocks: Sequence[hk.Module], stage_ends: Sequence[int],
-             is_training: bool, return_features: bool,
-             return_metrics: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+def run_body(
+    stem_out: jax.Array,
+    blocks: Sequence[hk.Module],
+    stage_ends: Sequence[int],
+    is_training: bool,
+    return_features: bool,
+    return_metrics: bool,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Runs the residual blocks, collecting optional features and signal metrics."""
     outputs = {}
     if return_features:
@@ -189,15 +222,29 @@ class NFNet(hk.Module):
       name: the root module name; keep "NFNet" to load released weights.
     """
 
-    def __init__(self, num_classes: int = 1000, variant: str = "F0", width: float = 1.0,
-                 se_ratio: float = 0.5, alpha: float = 0.2, stochdepth_rate: float = 0.1,
-                 drop_rate: float | None = None, activation: str = "gelu",
-                 fc_init: hk.initializers.Initializer | None = None,
-                 final_conv_mult: float = 2, final_conv_ch: int | None = None,
-                 use_two_convs: bool = True, group_conv: str = "auto",
-                 conv_grad: str = "auto", numerics: str = "reference", in_channels: int = 3,
-                 depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
-                 group_width: int = 128, name: str = "NFNet"):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        variant: str = "F0",
+        width: float = 1.0,
+        se_ratio: float = 0.5,
+        alpha: float = 0.2,
+        stochdepth_rate: float = 0.1,
+        drop_rate: float | None = None,
+        activation: str = "gelu",
+        fc_init: hk.initializers.Initializer | None = None,
+        final_conv_mult: float = 2,
+        final_conv_ch: int | None = None,
+        use_two_convs: bool = True,
+        group_conv: str = "auto",
+        conv_grad: str = "auto",
+        numerics: str = "reference",
+        in_channels: int = 3,
+        depths: Sequence[int] | None = None,
+        widths: Sequence[int] | None = None,
+        group_width: int = 128,
+        name: str = "NFNet",
+    ):
         super().__init__(name=name)
         params = check_variant(variant, VARIANTS)
         if numerics not in NUMERICS:
@@ -218,26 +265,42 @@ class NFNet(hk.Module):
         depths = list(depths or params["depth"])
         widths = [int(w * width) for w in (widths or params["width"])]
         if len(depths) != len(STRIDES) or len(widths) != len(STRIDES):
-            raise ValueError(f"depths and widths need {len(STRIDES)} stages, got "
-                             f"{depths} and {widths}.")
-        conv_kwargs = dict(eps=ws_eps, eps_mode=ws_eps_mode, group_conv=group_conv,
-                           conv_grad=conv_grad)
+            raise ValueError(
+                f"depths and widths need {len(STRIDES)} stages, got {depths} and {widths}."
+            )
+        conv_kwargs = dict(
+            eps=ws_eps, eps_mode=ws_eps_mode, group_conv=group_conv, conv_grad=conv_grad
+        )
         conv = lambda ch, k, stride, nm: layers.WSConv2D(ch, k, stride, name=nm, **conv_kwargs)
 
-        self.stem = [conv(16, 3, 2, "stem_conv0"), conv(32, 3, 1, "stem_conv1"),
-                     conv(64, 3, 1, "stem_conv2"), conv(widths[0] // 2, 3, 2, "stem_conv3")]
+        self.stem = [
+            conv(16, 3, 2, "stem_conv0"),
+            conv(32, 3, 1, "stem_conv1"),
+            conv(64, 3, 1, "stem_conv2"),
+            conv(widths[0] // 2, 3, 2, "stem_conv3"),
+        ]
         ch = widths[0] // 2
         self.blocks, self.stage_ends = [], []
         betas = [1.0 / s for s in expected_stds(depths, alpha)]
         num_blocks, index = sum(depths), 0
         for block_width, depth, stride in zip(widths, depths, STRIDES):
             for block_index in range(depth):
-                self.blocks.append(NFBlock(
-                    ch, block_width, se_ratio=se_ratio, group_size=group_width,
-                    stride=stride if block_index == 0 else 1, beta=betas[index], alpha=alpha,
-                    activation=activation, conv_kwargs=conv_kwargs, use_two_convs=use_two_convs,
-                    stochdepth_rate=stochdepth_rate * index / num_blocks,
-                    name="nf_block" if index == 0 else f"nf_block_{index}"))
+                self.blocks.append(
+                    NFBlock(
+                        ch,
+                        block_width,
+                        se_ratio=se_ratio,
+                        group_size=group_width,
+                        stride=stride if block_index == 0 else 1,
+                        beta=betas[index],
+                        alpha=alpha,
+                        activation=activation,
+                        conv_kwargs=conv_kwargs,
+                        use_two_convs=use_two_convs,
+                        stochdepth_rate=stochdepth_rate * index / num_blocks,
+                        name="nf_block" if index == 0 else f"nf_block_{index}",
+                    )
+                )
                 ch = block_width
                 index += 1
             self.stage_ends.append(index - 1)
@@ -246,8 +309,13 @@ class NFNet(hk.Module):
         fc_init = fc_init or hk.initializers.RandomNormal(stddev=0.01)
         self.fc = hk.Linear(num_classes, w_init=fc_init, with_bias=True, name="linear")
 
-    def __call__(self, x: jax.Array, is_training: bool = True, return_features: bool = False,
-                 return_metrics: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        x: jax.Array,
+        is_training: bool = True,
+        return_features: bool = False,
+        return_metrics: bool = False,
+    ) -> dict[str, jax.Array]:
         """Classifies NHWC images.
 
         Args:
@@ -266,8 +334,9 @@ class NFNet(hk.Module):
         out = x
         for i, conv in enumerate(self.stem):
             out = conv(out) if i == 0 else conv(self.activation(out))
-        out, outputs = run_body(out, self.blocks, self.stage_ends, is_training,
-                                return_features, return_metrics)
+        out, outputs = run_body(
+            out, self.blocks, self.stage_ends, is_training, return_features, return_metrics
+        )
         out = self.activation(self.final_conv(out))
         pool = jnp.mean(out, axis=(1, 2))
         outputs["pool"] = pool

@@ -4,6 +4,7 @@ Same building blocks as NFNets (scaled WS convs, scaled ReLU, alpha/beta bookkee
 zero-initialised skip gain, optional squeeze-excite); module names follow the reference
 release (root "NF_ResNet", blocks "nf_res_block", "nf_res_block_1", ...).
 """
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,17 +29,30 @@ _BASE_WIDTHS = (64, 128, 256, 512)
 class NFResBlock(hk.Module):
     """Pre-activation bottleneck: 1x1 -> 3x3 (strided) -> 1x1, strided 1x1 shortcut."""
 
-    def __init__(self, in_ch: int, out_ch: int, *, bottleneck_ratio: float = 0.25,
-                 stride: int = 1, beta: float = 1.0, alpha: float = 0.2,
-                 activation: str = "relu", use_se: bool = False, se_ratio: float = 0.25,
-                 stochdepth_rate: float = 0.0, group_conv: str = "auto",
-                 conv_grad: str = "auto", name: str | None = None):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        bottleneck_ratio: float = 0.25,
+        stride: int = 1,
+        beta: float = 1.0,
+        alpha: float = 0.2,
+        activation: str = "relu",
+        use_se: bool = False,
+        se_ratio: float = 0.25,
+        stochdepth_rate: float = 0.0,
+        group_conv: str = "auto",
+        conv_grad: str = "auto",
+        name: str | None = None,
+    ):
         super().__init__(name=name)
         self.activation = activations.get(activation)
         self.beta, self.alpha, self.stochdepth_rate = beta, alpha, stochdepth_rate
         width = int(out_ch * bottleneck_ratio)
-        conv = lambda ch, k, s, nm: layers.WSConv2D(ch, k, s, group_conv=group_conv,
-                                                    conv_grad=conv_grad, name=nm)
+        conv = lambda ch, k, s, nm: layers.WSConv2D(
+            ch, k, s, group_conv=group_conv, conv_grad=conv_grad, name=nm
+        )
         self.conv0 = conv(width, 1, 1, "conv0")
         self.conv1 = conv(width, 3, stride, "conv1")
         self.conv2 = conv(out_ch, 1, 1, "conv2")
@@ -81,12 +95,24 @@ class NFResNet(hk.Module):
       name: root module name, "NF_ResNet" as in the reference.
     """
 
-    def __init__(self, num_classes: int = 1000, variant: str = "ResNet50", width: int = 4,
-                 alpha: float = 0.2, stochdepth_rate: float = 0.1, drop_rate: float = 0.0,
-                 activation: str = "relu", fc_init: hk.initializers.Initializer | None = None,
-                 use_se: bool = False, se_ratio: float = 0.25, group_conv: str = "auto",
-                 conv_grad: str = "auto", in_channels: int = 3, depths: Sequence[int] | None = None,
-                 name: str = "NF_ResNet"):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        variant: str = "ResNet50",
+        width: int = 4,
+        alpha: float = 0.2,
+        stochdepth_rate: float = 0.1,
+        drop_rate: float = 0.0,
+        activation: str = "relu",
+        fc_init: hk.initializers.Initializer | None = None,
+        use_se: bool = False,
+        se_ratio: float = 0.25,
+        group_conv: str = "auto",
+        conv_grad: str = "auto",
+        in_channels: int = 3,
+        depths: Sequence[int] | None = None,
+        name: str = "NF_ResNet",
+    ):
         super().__init__(name=name)
         depths = list(depths or nfnet.check_variant(variant, VARIANTS)["depth"])
         if not 0.0 <= drop_rate < 1.0:
@@ -94,33 +120,50 @@ class NFResNet(hk.Module):
         self.activation = activations.get(activation)
         self.drop_rate, self.in_channels = drop_rate, in_channels
         ch = int(16 * width)
-        self.initial_conv = layers.WSConv2D(ch, 7, 2, with_bias=False, conv_grad=conv_grad,
-                                            name="initial_conv")
+        self.initial_conv = layers.WSConv2D(
+            ch, 7, 2, with_bias=False, conv_grad=conv_grad, name="initial_conv"
+        )
         self.blocks, self.stage_ends = [], []
         betas = [1.0 / s for s in nfnet.expected_stds(depths, alpha)]
         num_blocks, index = sum(depths), 0
         for base, depth, stride in zip(_BASE_WIDTHS, depths, nfnet.STRIDES):
             for block_index in range(depth):
-                self.blocks.append(NFResBlock(
-                    ch, base * width, stride=stride if block_index == 0 else 1,
-                    beta=betas[index], alpha=alpha, activation=activation, use_se=use_se,
-                    se_ratio=se_ratio, stochdepth_rate=stochdepth_rate * index / num_blocks,
-                    group_conv=group_conv, conv_grad=conv_grad,
-                    name="nf_res_block" if index == 0 else f"nf_res_block_{index}"))
+                self.blocks.append(
+                    NFResBlock(
+                        ch,
+                        base * width,
+                        stride=stride if block_index == 0 else 1,
+                        beta=betas[index],
+                        alpha=alpha,
+                        activation=activation,
+                        use_se=use_se,
+                        se_ratio=se_ratio,
+                        stochdepth_rate=stochdepth_rate * index / num_blocks,
+                        group_conv=group_conv,
+                        conv_grad=conv_grad,
+                        name="nf_res_block" if index == 0 else f"nf_res_block_{index}",
+                    )
+                )
                 ch = base * width
                 index += 1
             self.stage_ends.append(index - 1)
         fc_init = fc_init or hk.initializers.RandomNormal(stddev=0.01)
         self.fc = hk.Linear(num_classes, w_init=fc_init, with_bias=True, name="linear")
 
-    def __call__(self, x: jax.Array, is_training: bool = True, return_features: bool = False,
-                 return_metrics: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        x: jax.Array,
+        is_training: bool = True,
+        return_features: bool = False,
+        return_metrics: bool = False,
+    ) -> dict[str, jax.Array]:
         """Classifies NHWC images; outputs as `NFNet.__call__`."""
         nfnet.check_images(x, self.in_channels, "NFResNet")
         out = self.initial_conv(x)
         out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
-        out, outputs = nfnet.run_body(out, self.blocks, self.stage_ends, is_training,
-                                      return_features, return_metrics)
+        out, outputs = nfnet.run_body(
+            out, self.blocks, self.stage_ends, is_training, return_features, return_metrics
+        )
         pool = jnp.mean(self.activation(out), axis=(1, 2))
         outputs["pool"] = pool
         if is_training and self.drop_rate > 0.0:

@@ -75,7 +75,8 @@ def default_decay_mask(params: optax.Params) -> Any:
             raise ValueError(
                 f"default_decay_mask: unknown parameter name {name!r} (at {path!r}); known "
                 f"decayed names {sorted(DECAY_PARAM_NAMES)}, not decayed "
-                f"{sorted(NO_DECAY_PARAM_NAMES)}. Pass an explicit decay_mask.")
+                f"{sorted(NO_DECAY_PARAM_NAMES)}. Pass an explicit decay_mask."
+            )
     return jax.tree.unflatten(treedef, decay)
 
 
@@ -105,11 +106,14 @@ def param_groups(
       ``'clip_only'``, ``'decay_only'`` or ``'none'``.
     """
     clip = _resolve(default_agc_mask if agc_mask is None else agc_mask, params, "agc_mask")
-    decay = _resolve(default_decay_mask if decay_mask is None else decay_mask, params,
-                     "decay_mask")
+    decay = _resolve(default_decay_mask if decay_mask is None else decay_mask, params, "decay_mask")
     labels = [
-        {(True, True): "clip+decay", (True, False): "clip_only",
-         (False, True): "decay_only", (False, False): "none"}[(c, d)]
+        {
+            (True, True): "clip+decay",
+            (True, False): "clip_only",
+            (False, True): "decay_only",
+            (False, False): "none",
+        }[(c, d)]
         for c, d in zip(clip, decay, strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(params), labels)
@@ -167,12 +171,21 @@ def make_optimizer(
     """
     parts = []
     if clipping:
-        parts.append(agc.adaptive_grad_clip(
-            clipping, eps, mask=default_agc_mask if agc_mask is None else agc_mask,
-            unit_axis=unit_axis, track_per_param=track_per_param))
+        parts.append(
+            agc.adaptive_grad_clip(
+                clipping,
+                eps,
+                mask=default_agc_mask if agc_mask is None else agc_mask,
+                unit_axis=unit_axis,
+                track_per_param=track_per_param,
+            )
+        )
     if weight_decay:
-        parts.append(optax.add_decayed_weights(
-            weight_decay, mask=default_decay_mask if decay_mask is None else decay_mask))
+        parts.append(
+            optax.add_decayed_weights(
+                weight_decay, mask=default_decay_mask if decay_mask is None else decay_mask
+            )
+        )
     parts.append(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
     return optax.chain(*parts)
 
@@ -213,8 +226,9 @@ def agc_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
     return metrics
 
 
-def scaled_learning_rate(batch_size: int, base_lr: float = 0.1, base_batch_size: int = 256
-                         ) -> float:
+def scaled_learning_rate(
+    batch_size: int, base_lr: float = 0.1, base_batch_size: int = 256
+) -> float:
     """The reference peak learning rate, ``base_lr * batch_size / base_batch_size``.
 
     Args:
@@ -228,8 +242,9 @@ def scaled_learning_rate(batch_size: int, base_lr: float = 0.1, base_batch_size:
     return base_lr * batch_size / base_batch_size
 
 
-def warmup_cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int
-                           ) -> Callable[[Any], jax.Array]:
+def warmup_cosine_schedule(
+    base_lr: float, warmup_steps: int, total_steps: int
+) -> Callable[[Any], jax.Array]:
     """Linear warmup from 0 to ``base_lr``, then cosine decay to 0 at ``total_steps``.
 
     ``lr(t) = base_lr * t / warmup_steps`` for ``t < warmup_steps``, then
@@ -249,9 +264,14 @@ def warmup_cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(
             f"warmup_cosine_schedule needs 0 <= warmup_steps < total_steps, got "
-            f"warmup_steps={warmup_steps}, total_steps={total_steps}")
+            f"warmup_steps={warmup_steps}, total_steps={total_steps}"
+        )
     if warmup_steps == 0:
         return optax.cosine_decay_schedule(base_lr, decay_steps=total_steps, alpha=0.0)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
-        decay_steps=total_steps, end_value=0.0)
+        init_value=0.0,
+        peak_value=base_lr,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=0.0,
+    )

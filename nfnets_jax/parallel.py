@@ -7,6 +7,7 @@ which also makes the per-device RNG streams independent of how devices are split
 
 Keeping every pmap-aware helper in this one module keeps a later move to `jit` + sharding local.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,12 +53,14 @@ def initialize_distributed(
     if any(v is not None for v in layout) and any(v is None for v in layout):
         raise ValueError(
             "Distributed launch needs all of coordinator_address, num_processes and process_id "
-            f"(got {layout}); pass none of them to auto-detect on TPU pods and clusters.")
+            f"(got {layout}); pass none of them to auto-detect on TPU pods and clusters."
+        )
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     if coordinator_address is not None:
-        jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address, num_processes=num_processes, process_id=process_id
+        )
     elif auto or _in_cluster_environment():
         jax.distributed.initialize()
 
@@ -104,7 +107,8 @@ def per_device_batch_size(global_batch_size: int) -> int:
         raise ValueError(
             f"Global batch size {global_batch_size} is not divisible by the total device count "
             f"{devices} ({jax.process_count()} process(es) x {jax.local_device_count()} local "
-            "devices); choose a multiple of the device count.")
+            "devices); choose a multiple of the device count."
+        )
     return global_batch_size // devices
 
 
@@ -138,14 +142,20 @@ def replicate(tree: Any) -> Any:
     n = jax.local_device_count()
     sharding = _local_sharding()
     return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding),
-        tree)
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding), tree
+    )
 
 
 def unreplicate(tree: Any) -> Any:
     """Fetches the first local replica of a replicated pytree to host numpy."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0]
-                        if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
+    return jax.tree.map(
+        lambda x: (
+            np.asarray(x.addressable_shards[0].data)[0]
+            if isinstance(x, jax.Array)
+            else np.asarray(x)[0]
+        ),
+        tree,
+    )
 
 
 def shard(batch: Any) -> Any:
@@ -188,6 +198,7 @@ def replicas_identical(tree: Any) -> bool:
     if jax.process_count() == 1:
         return local
     from jax.experimental import multihost_utils  # Multi-process runs only.
+
     first = np.stack([s[0] for s in sums])
     everyone = np.asarray(multihost_utils.process_allgather(first))
     return local and all(np.array_equal(everyone[0], other) for other in everyone[1:])

@@ -8,6 +8,7 @@ weight gradient: a convolution whose window is a whole feature map), "dot", "red
 "concatenate", "transpose/copy" and "elementwise" (other fusions). Thunks may run
 concurrently, so the durations add up to more than the wall time; compare shares.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,16 +42,16 @@ def hlo_index(hlo_text: str) -> tuple[dict[str, tuple[str, str, str]], dict[str,
         match = _INSTRUCTION.match(line)
         if match:
             called = _CALLS.search(line)
-            instructions[match.group(1)] = (match.group(3), called.group(1) if called else "",
-                                            line)
+            instructions[match.group(1)] = (match.group(3), called.group(1) if called else "", line)
     return instructions, computations
 
 
 def _conv_category(body: str) -> str:
     conv = next((line for line in body.splitlines() if " convolution(" in line), body)
     window = re.search(r"window=\{([^}]*)\}", conv)
-    fields = dict(part.split("=", 1) for part in (window.group(1).split() if window else [])
-                  if "=" in part)
+    fields = dict(
+        part.split("=", 1) for part in (window.group(1).split() if window else []) if "=" in part
+    )
     size = fields.get("size", "1x1")
     kernel = [int(d) for d in size.split("x")]
     out_shape = re.search(r"= \w+\[([\d,]*)\]", conv)
@@ -69,8 +70,9 @@ def _conv_category(body: str) -> str:
     return label
 
 
-def categorize(name: str, instructions: dict[str, tuple[str, str, str]],
-               computations: dict[str, list[str]]) -> str:
+def categorize(
+    name: str, instructions: dict[str, tuple[str, str, str]], computations: dict[str, list[str]]
+) -> str:
     """The category of the thunk called `name` (see the module docstring)."""
     if name not in instructions:
         return "other"
@@ -128,20 +130,30 @@ def profile(compiled: Any, args: Sequence[Any], iters: int = 2) -> dict[str, Any
         seconds[category] += event["dur"] * 1e-6 / iters
         counts[category] += 1
     total = sum(seconds.values())
-    rows = [{"category": c, "seconds": s, "thunks": counts[c] / iters,
-             "share": s / total if total else 0.0}
-            for c, s in sorted(seconds.items(), key=lambda item: -item[1])]
+    rows = [
+        {
+            "category": c,
+            "seconds": s,
+            "thunks": counts[c] / iters,
+            "share": s / total if total else 0.0,
+        }
+        for c, s in sorted(seconds.items(), key=lambda item: -item[1])
+    ]
     return {"wall_s": wall, "categories": rows, "thunk_s": total}
 
 
 def format_profile(result: dict[str, Any], title: str = "") -> str:
     """Plain-text table of `profile`'s result."""
     lines = [title] if title else []
-    lines.append(f"wall time per call: {result['wall_s']:.3f} s; thunk time (may overlap): "
-                 f"{result['thunk_s']:.3f} s")
+    lines.append(
+        f"wall time per call: {result['wall_s']:.3f} s; thunk time (may overlap): "
+        f"{result['thunk_s']:.3f} s"
+    )
     lines.append(f"{'category':28s} | {'ms/call':>8s} | {'share':>6s} | {'thunks':>6s}")
     lines.append("-" * 58)
     for row in result["categories"]:
-        lines.append(f"{row['category']:28s} | {1e3 * row['seconds']:8.1f} | "
-                     f"{100 * row['share']:5.1f}% | {row['thunks']:6.0f}")
+        lines.append(
+            f"{row['category']:28s} | {1e3 * row['seconds']:8.1f} | "
+            f"{100 * row['share']:5.1f}% | {row['thunks']:6.0f}"
+        )
     return "\n".join(lines)

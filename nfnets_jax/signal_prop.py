@@ -5,6 +5,7 @@ channel variance of the block's output, and the variance of its residual branch,
 variance the beta/alpha bookkeeping expects. All skip gains are set to 1 first: at their
 zero initialisation every block reduces to its shortcut and the plot would show nothing.
 """
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,9 +26,15 @@ def expected_output_vars(depths: Sequence[int], alpha: float) -> np.ndarray:
     return np.asarray(out)
 
 
-def measure(model_fn: Callable[[], Any], depths: Sequence[int], alpha: float = 0.2,
-            resolution: int = 64, batch: int = 8, seed: int = 0,
-            skip_gain: float = 1.0) -> dict[str, np.ndarray]:
+def measure(
+    model_fn: Callable[[], Any],
+    depths: Sequence[int],
+    alpha: float = 0.2,
+    resolution: int = 64,
+    batch: int = 8,
+    seed: int = 0,
+    skip_gain: float = 1.0,
+) -> dict[str, np.ndarray]:
     """Per-block signal statistics of a freshly initialised model.
 
     Args:
@@ -48,9 +55,12 @@ def measure(model_fn: Callable[[], Any], depths: Sequence[int], alpha: float = 0
     x = jax.random.normal(data_rng, (batch, resolution, resolution, 3), jnp.float32)
     params = jax.jit(forward.init)(init_rng, x)
     params = {
-        module: {name: (jnp.full_like(v, skip_gain) if name == "skip_gain" else v)
-                 for name, v in leaves.items()}
-        for module, leaves in params.items()}
+        module: {
+            name: (jnp.full_like(v, skip_gain) if name == "skip_gain" else v)
+            for name, v in leaves.items()
+        }
+        for module, leaves in params.items()
+    }
     outputs = jax.jit(forward.apply)(params, None, x)
     num_blocks = sum(depths)
     stat = lambda key: np.asarray([outputs[f"block_{i}/{key}"] for i in range(num_blocks)])
@@ -73,9 +83,11 @@ def plot(stats: dict[str, np.ndarray], path: str, title: str = "") -> None:
 
     blocks = np.arange(1, len(stats["avg_var"]) + 1)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("avg_sq_mean", "Average channel squared mean"),
-              ("avg_var", "Average channel variance"),
-              ("res_var", "Residual branch variance")]
+    panels = [
+        ("avg_sq_mean", "Average channel squared mean"),
+        ("avg_var", "Average channel variance"),
+        ("res_var", "Residual branch variance"),
+    ]
     for ax, (key, label) in zip(axes, panels):
         ax.plot(blocks, stats[key], "o-", label="measured")
         if key == "avg_var":

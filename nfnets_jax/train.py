@@ -15,6 +15,7 @@ config keeps the model and optimizer state of the saved one (`ConfigMismatchErro
 SIGTERM saves a checkpoint and exits cleanly; a non-finite loss stops the run with
 `NonFiniteLossError`, keeping the last good checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,16 +106,18 @@ def variant_defaults(config: ml_collections.ConfigDict) -> dict[str, Any]:
     validate_config(config)
     if config.model_name == "NFNet":
         info = nfnet.VARIANTS[config.model.variant]
-        return dict(train_imsize=info["train_imsize"], test_imsize=info["test_imsize"],
-                    randaug_layers=info["randaug_layers"],
-                    randaug_magnitude=info["randaug_magnitude"])
+        return dict(
+            train_imsize=info["train_imsize"],
+            test_imsize=info["test_imsize"],
+            randaug_layers=info["randaug_layers"],
+            randaug_magnitude=info["randaug_magnitude"],
+        )
     if config.model_name == "NFResNet":
         return dict(train_imsize=224, test_imsize=224, randaug_layers=0, randaug_magnitude=0)
     raise ValueError(f"Unknown model_name {config.model_name!r}; valid: NFNet, NFResNet.")
 
 
-def make_plan(config: ml_collections.ConfigDict, num_classes: int,
-              num_train_examples: int) -> Plan:
+def make_plan(config: ml_collections.ConfigDict, num_classes: int, num_train_examples: int) -> Plan:
     """Derives steps, learning rate, batch split and image sizes from the config.
 
     Args:
@@ -138,8 +141,10 @@ def make_plan(config: ml_collections.ConfigDict, num_classes: int,
     else:
         total_steps = int(config.num_epochs * steps_per_epoch)
     if total_steps <= 0:
-        raise ValueError(f"The run has no steps (num_epochs={config.num_epochs}, "
-                         f"num_train_steps={config.num_train_steps}).")
+        raise ValueError(
+            f"The run has no steps (num_epochs={config.num_epochs}, "
+            f"num_train_steps={config.num_train_steps})."
+        )
     warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
     defaults = variant_defaults(config)
     augment = config.augment
@@ -153,10 +158,14 @@ def make_plan(config: ml_collections.ConfigDict, num_classes: int,
         per_device_batch_size=per_device,
         train_image_size=config.train_image_size or defaults["train_imsize"],
         eval_image_size=config.eval_image_size or defaults["test_imsize"],
-        randaug_layers=(defaults["randaug_layers"] if augment.randaug_layers < 0
-                        else augment.randaug_layers),
-        randaug_magnitude=(defaults["randaug_magnitude"] if augment.randaug_magnitude < 0
-                           else augment.randaug_magnitude),
+        randaug_layers=(
+            defaults["randaug_layers"] if augment.randaug_layers < 0 else augment.randaug_layers
+        ),
+        randaug_magnitude=(
+            defaults["randaug_magnitude"]
+            if augment.randaug_magnitude < 0
+            else augment.randaug_magnitude
+        ),
     )
 
 
@@ -178,6 +187,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> hk.Trans
             net = nfnet.NFNet(num_classes=num_classes, **kwargs)
         elif config.model_name == "NFResNet":
             from nfnets_jax import nfresnet  # Only NF-ResNet configs need it.
+
             net = nfresnet.NFResNet(num_classes=num_classes, **kwargs)
         else:
             raise ValueError(f"Unknown model_name {config.model_name!r}; valid: NFNet, NFResNet.")
@@ -188,8 +198,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> hk.Trans
 
 def make_schedule(plan: Plan) -> optax.Schedule:
     """Linear warmup to the peak learning rate, then cosine decay to 0 at the last step."""
-    return optim.warmup_cosine_schedule(plan.peak_learning_rate, plan.warmup_steps,
-                                        plan.total_steps)
+    return optim.warmup_cosine_schedule(
+        plan.peak_learning_rate, plan.warmup_steps, plan.total_steps
+    )
 
 
 def make_optimizer(config: ml_collections.ConfigDict, plan: Plan) -> optax.GradientTransformation:
@@ -200,14 +211,19 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: Plan) -> optax.Gradi
     devices) and then the outer optimizer's step, so one trainer step is one SAM update.
     """
     base = optim.make_optimizer(
-        learning_rate=make_schedule(plan), clipping=config.clipping or None,
-        weight_decay=config.weight_decay, momentum=config.momentum, nesterov=config.nesterov)
+        learning_rate=make_schedule(plan),
+        clipping=config.clipping or None,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+    )
     # optim's default AGC mask (agc.nfnet_mask) clips everything but the classifier weight.
     if not config.sam.enabled:
         return base
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam.rho))
-    return optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True,
-                             batch_axis_name=parallel.AXIS_NAME)
+    return optax.contrib.sam(
+        base, adversary, sync_period=2, opaque_mode=True, batch_axis_name=parallel.AXIS_NAME
+    )
 
 
 def precision_policy(config: ml_collections.ConfigDict) -> jmp.Policy:
@@ -218,8 +234,9 @@ def precision_policy(config: ml_collections.ConfigDict) -> jmp.Policy:
     return jmp.Policy(param_dtype=jnp.float32, compute_dtype=dtype, output_dtype=jnp.float32)
 
 
-def create_train_state(model: hk.Transformed, optimizer: optax.GradientTransformation,
-                       image_size: int, seed: int) -> TrainState:
+def create_train_state(
+    model: hk.Transformed, optimizer: optax.GradientTransformation, image_size: int, seed: int
+) -> TrainState:
     """Initialises the training state on the host (identical on every process for a seed).
 
     Args:
@@ -237,8 +254,12 @@ def create_train_state(model: hk.Transformed, optimizer: optax.GradientTransform
     # dropout / stochastic depth rates (one compilation serves configs differing only there).
     params = jax.jit(model.init, static_argnums=2)(init_key, dummy, False)
     state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-        opt_state=jax.jit(optimizer.init)(params), rng=jax.random.key_data(train_key))
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=jax.jit(optimizer.init)(params),
+        rng=jax.random.key_data(train_key),
+    )
     return jax.device_get(state)
 
 
@@ -264,9 +285,16 @@ def smooth_labels(labels: jax.Array, smoothing: float) -> jax.Array:
     return labels * (1.0 - smoothing) + smoothing / num_classes
 
 
-def loss_fn(params: hk.Params, rng: jax.Array, images: jax.Array, labels: jax.Array, *,
-            model: hk.Transformed, policy: jmp.Policy, label_smoothing: float,
-            ) -> tuple[jax.Array, jax.Array]:
+def loss_fn(
+    params: hk.Params,
+    rng: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    model: hk.Transformed,
+    policy: jmp.Policy,
+    label_smoothing: float,
+) -> tuple[jax.Array, jax.Array]:
     """Mean softmax cross-entropy against smoothed targets, computed in `policy`'s precision.
 
     Args:
@@ -282,18 +310,25 @@ def loss_fn(params: hk.Params, rng: jax.Array, images: jax.Array, labels: jax.Ar
     Returns:
       (loss, float32 logits).
     """
-    outputs = model.apply(policy.cast_to_compute(params), rng, policy.cast_to_compute(images),
-                          True)
+    outputs = model.apply(policy.cast_to_compute(params), rng, policy.cast_to_compute(images), True)
     logits = policy.cast_to_output(outputs["logits"])
     targets = smooth_labels(labels.astype(jnp.float32), label_smoothing)
     return jnp.mean(optax.softmax_cross_entropy(logits, targets)), logits
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], stop_request: jax.Array, *,
-               model: hk.Transformed, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, policy: jmp.Policy, label_smoothing: float,
-               max_ema_decay: float, use_sam: bool,
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    stop_request: jax.Array,
+    *,
+    model: hk.Transformed,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    policy: jmp.Policy,
+    label_smoothing: float,
+    max_ema_decay: float,
+    use_sam: bool,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One data-parallel update; call under `parallel.pmap`.
 
     Args:
@@ -312,47 +347,68 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], stop_request: 
     images, labels = batch["images"], batch["labels"]
     loss_and_grad = jax.value_and_grad(
         functools.partial(loss_fn, model=model, policy=policy, label_smoothing=label_smoothing),
-        has_aux=True)
+        has_aux=True,
+    )
     (loss, logits), grads = loss_and_grad(state.params, rng, images, labels)
     # The update must see the gradient of the global batch: average over every device.
     grads = parallel.pmean(grads)
     if use_sam:
+
         def adversarial_grad(params: hk.Params, index: int) -> hk.Params:
             step_rng = jax.random.fold_in(rng, index + 1)
-            return jax.grad(lambda p: loss_fn(
-                p, step_rng, images, labels, model=model, policy=policy,
-                label_smoothing=label_smoothing)[0])(params)
+            return jax.grad(
+                lambda p: loss_fn(
+                    p,
+                    step_rng,
+                    images,
+                    labels,
+                    model=model,
+                    policy=policy,
+                    label_smoothing=label_smoothing,
+                )[0]
+            )(params)
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
-                                              grad_fn=adversarial_grad)
+        updates, opt_state = optimizer.update(
+            grads, state.opt_state, state.params, grad_fn=adversarial_grad
+        )
     else:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, max_ema_decay)
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                              state.ema_params, params)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
     metrics = {"loss": loss, "accuracy": accuracy}
     metrics = parallel.pmean(metrics)
     metrics.update(
-        grad_norm=l2_norm(grads), param_norm=l2_norm(params), update_norm=l2_norm(updates),
-        learning_rate=schedule(state.step), ema_decay=decay,
-        stop_requests=parallel.psum(stop_request))
+        grad_norm=l2_norm(grads),
+        param_norm=l2_norm(params),
+        update_norm=l2_norm(updates),
+        learning_rate=schedule(state.step),
+        ema_decay=decay,
+        stop_requests=parallel.psum(stop_request),
+    )
     metrics.update(optim.agc_metrics(opt_state))
-    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
-                           opt_state=opt_state, rng=state.rng)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        ema_params=ema_params,
+        opt_state=opt_state,
+        rng=state.rng,
+    )
     return new_state, metrics
 
 
-def eval_step(params: hk.Params, batch: Mapping[str, jax.Array], *, model: hk.Transformed,
-              policy: jmp.Policy) -> dict[str, jax.Array]:
+def eval_step(
+    params: hk.Params, batch: Mapping[str, jax.Array], *, model: hk.Transformed, policy: jmp.Policy
+) -> dict[str, jax.Array]:
     """Sums of loss, top-1 and top-5 hits and example count over the valid examples.
 
     Call under `parallel.pmap`; the sums cover every device. Padding examples (mask 0) count
     for nothing, so summing over an epoch of padded batches counts each example once.
     """
-    outputs = model.apply(policy.cast_to_compute(params), None,
-                          policy.cast_to_compute(batch["images"]), False)
+    outputs = model.apply(
+        policy.cast_to_compute(params), None, policy.cast_to_compute(batch["images"]), False
+    )
     logits = policy.cast_to_output(outputs["logits"])
     sums = evaluation.batch_counts(logits, batch["labels"].astype(jnp.int32), batch["mask"])
     return parallel.psum(sums)
@@ -371,13 +427,17 @@ def data_dir(config: ml_collections.ConfigDict) -> str | None:
 def augment_options(config: ml_collections.ConfigDict, plan: Plan) -> Any:
     """The pipeline's `augment` argument (a `pipeline.AugmentConfig`) for this config."""
     from nfnets_jax.data import pipeline
+
     if not config.augment.enabled:
         return None
     return pipeline.AugmentConfig(
-        random_crop=config.augment.random_crop, flip=config.augment.flip,
+        random_crop=config.augment.random_crop,
+        flip=config.augment.flip,
         randaugment_layers=plan.randaug_layers,
         randaugment_magnitude=float(plan.randaug_magnitude),
-        mixup_alpha=config.augment.mixup_alpha, cutmix=config.augment.cutmix)
+        mixup_alpha=config.augment.mixup_alpha,
+        cutmix=config.augment.cutmix,
+    )
 
 
 def input_dtype(config: ml_collections.ConfigDict) -> str:
@@ -385,33 +445,52 @@ def input_dtype(config: ml_collections.ConfigDict) -> str:
     return "bfloat16" if jnp.dtype(config.dtype) == jnp.bfloat16 else "float32"
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, plan: Plan, start_step: int,
-                        process_index: int | None = None, process_count: int | None = None,
-                        local_device_count: int | None = None,
-                        ) -> Iterator[dict[str, np.ndarray]]:
+def make_train_iterator(
+    config: ml_collections.ConfigDict,
+    plan: Plan,
+    start_step: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """This process's shard of the training batches, from `start_step` on.
 
     The layout arguments default to this process's; pass them to see another process's data.
     """
     from nfnets_jax.data import pipeline
+
     return pipeline.train_iterator(
-        config.dataset, data_dir=data_dir(config), global_batch_size=config.batch_size,
-        image_size=plan.train_image_size, dtype=input_dtype(config),
-        augment=augment_options(config, plan), seed=config.seed, start_step=start_step,
+        config.dataset,
+        data_dir=data_dir(config),
+        global_batch_size=config.batch_size,
+        image_size=plan.train_image_size,
+        dtype=input_dtype(config),
+        augment=augment_options(config, plan),
+        seed=config.seed,
+        start_step=start_step,
         process_index=jax.process_index() if process_index is None else process_index,
         process_count=jax.process_count() if process_count is None else process_count,
-        local_device_count=(jax.local_device_count() if local_device_count is None
-                            else local_device_count))
+        local_device_count=(
+            jax.local_device_count() if local_device_count is None else local_device_count
+        ),
+    )
 
 
-def make_eval_iterator(config: ml_collections.ConfigDict, plan: Plan,
-                       ) -> Iterator[dict[str, np.ndarray]]:
+def make_eval_iterator(
+    config: ml_collections.ConfigDict,
+    plan: Plan,
+) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's shard of the eval split, padded and masked."""
     from nfnets_jax.data import pipeline
+
     return pipeline.eval_iterator(
-        config.dataset, data_dir=data_dir(config), split=config.eval_split or None,
-        global_batch_size=config.eval_batch_size, image_size=plan.eval_image_size,
-        dtype=input_dtype(config))
+        config.dataset,
+        data_dir=data_dir(config),
+        split=config.eval_split or None,
+        global_batch_size=config.eval_batch_size,
+        image_size=plan.eval_image_size,
+        dtype=input_dtype(config),
+    )
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -421,13 +500,16 @@ def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int]:
     a ValueError naming the dataset, the split and the available splits).
     """
     from nfnets_jax.data import pipeline
-    info = pipeline.dataset_info(config.dataset, data_dir(config),
-                                 eval_split=config.eval_split or None)
+
+    info = pipeline.dataset_info(
+        config.dataset, data_dir(config), eval_split=config.eval_split or None
+    )
     return info.num_classes, info.num_train
 
 
-def evaluate(p_eval: Callable[..., Any], params: hk.Params,
-             batches: Iterator[Mapping[str, np.ndarray]]) -> dict[str, float]:
+def evaluate(
+    p_eval: Callable[..., Any], params: hk.Params, batches: Iterator[Mapping[str, np.ndarray]]
+) -> dict[str, float]:
     """Top-1, top-5 (as fractions) and mean loss of replicated `params` over `batches`."""
     totals = None
     for batch in batches:
@@ -437,8 +519,12 @@ def evaluate(p_eval: Callable[..., Any], params: hk.Params,
         raise ValueError("The eval split is empty.")
     totals = jax.tree.map(float, parallel.unreplicate(totals))
     count = max(totals["count"], 1.0)
-    return {"top1": totals["top1"] / count, "top5": totals["top5"] / count,
-            "loss": totals["loss"] / count, "count": totals["count"]}
+    return {
+        "top1": totals["top1"] / count,
+        "top5": totals["top5"] / count,
+        "loss": totals["loss"] / count,
+        "count": totals["count"],
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -473,13 +559,21 @@ class _StopRequest:
 def config_record(config: ml_collections.ConfigDict, plan: Plan) -> dict[str, Any]:
     """What `config.json` holds: the resolved config, the derived plan and the device layout,
     in JSON form (tuples become lists), as written and as read back."""
-    record = {"config": config.to_dict(), "plan": dataclasses.asdict(plan),
-              "devices": jax.device_count(), "processes": jax.process_count()}
+    record = {
+        "config": config.to_dict(),
+        "plan": dataclasses.asdict(plan),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+    }
     return json.loads(json.dumps(record, default=str))
 
 
-def check_resume_config(workdir: str, record: Mapping[str, Any], checkpoint_step: int | None,
-                        allow_config_change: bool = False) -> None:
+def check_resume_config(
+    workdir: str,
+    record: Mapping[str, Any],
+    checkpoint_step: int | None,
+    allow_config_change: bool = False,
+) -> None:
     """Compares the workdir's `config.json` with a resuming run's record; writes nothing.
 
     Call it before anything in the workdir is overwritten. Changes that keep the model and
@@ -505,19 +599,30 @@ def check_resume_config(workdir: str, record: Mapping[str, Any], checkpoint_step
         logging.warning("Cannot read %s (%s).", path, e)
         saved = None
     if saved is None:
-        logging.warning("No readable %s next to checkpoint %d: the config cannot be compared; "
-                        "the restore still checks array shapes.", path, checkpoint_step)
+        logging.warning(
+            "No readable %s next to checkpoint %d: the config cannot be compared; "
+            "the restore still checks array shapes.",
+            path,
+            checkpoint_step,
+        )
         return
     incompatible, harmless = configlib.resume_changes(saved, record)
     if harmless:
-        logging.warning("Resuming checkpoint %d with changed settings: %s.", checkpoint_step,
-                        "; ".join(harmless))
+        logging.warning(
+            "Resuming checkpoint %d with changed settings: %s.",
+            checkpoint_step,
+            "; ".join(harmless),
+        )
     if not incompatible:
         return
     details = "\n  ".join(incompatible)
     if allow_config_change:
-        logging.warning("allow_config_change: resuming checkpoint %d although the model or "
-                        "optimizer config changed:\n  %s", checkpoint_step, details)
+        logging.warning(
+            "allow_config_change: resuming checkpoint %d although the model or "
+            "optimizer config changed:\n  %s",
+            checkpoint_step,
+            details,
+        )
         return
     raise ConfigMismatchError(
         f"{workdir} holds checkpoint {checkpoint_step} of a run whose config differs in fields "
@@ -525,24 +630,32 @@ def check_resume_config(workdir: str, record: Mapping[str, Any], checkpoint_step
         "Resuming would restore incompatible state. Use a new --workdir to start a new run, "
         f"or the saved values (in {path}) to resume this one; --allow_config_change "
         "(allow_config_change=True) resumes anyway, if parameter and optimizer state shapes "
-        "still match.")
+        "still match."
+    )
 
 
-def restore_or_create(config: ml_collections.ConfigDict, checkpointer: checkpointing.Checkpointer,
-                      model: hk.Transformed, optimizer: optax.GradientTransformation,
-                      plan: Plan) -> TrainState:
+def restore_or_create(
+    config: ml_collections.ConfigDict,
+    checkpointer: checkpointing.Checkpointer,
+    model: hk.Transformed,
+    optimizer: optax.GradientTransformation,
+    plan: Plan,
+) -> TrainState:
     """The newest checkpoint in the workdir, else a fresh state (from `init_checkpoint`)."""
     state = create_train_state(model, optimizer, plan.train_image_size, config.seed)
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(state._asdict())
-        logging.info("Resuming from step %d in %s.", int(restored["step"]),
-                     checkpointer.directory)
+        logging.info("Resuming from step %d in %s.", int(restored["step"]), checkpointer.directory)
         return TrainState(**restored)
     if config.init_checkpoint:
         params = load_pretrained(config.init_checkpoint, state.params)
-        state = TrainState(step=state.step, params=params, ema_params=params,
-                           opt_state=jax.device_get(jax.jit(optimizer.init)(params)),
-                           rng=state.rng)
+        state = TrainState(
+            step=state.step,
+            params=params,
+            ema_params=params,
+            opt_state=jax.device_get(jax.jit(optimizer.init)(params)),
+            rng=state.rng,
+        )
     return state
 
 
@@ -560,6 +673,7 @@ def load_pretrained(path: str, fresh_params: hk.Params) -> hk.Params:
       ValueError: if a non-classifier parameter is missing or has another shape.
     """
     from nfnets_jax.checkpoints import released  # Only fine-tuning needs it.
+
     loaded = released.load_params(path)
     params = {}
     for module, values in fresh_params.items():
@@ -574,7 +688,8 @@ def load_pretrained(path: str, fresh_params: hk.Params) -> hk.Params:
             else:
                 raise ValueError(
                     f"Pretrained checkpoint {path} has no parameter {module}/{name} of shape "
-                    f"{np.shape(fresh)} (found {None if source is None else np.shape(source)}).")
+                    f"{np.shape(fresh)} (found {None if source is None else np.shape(source)})."
+                )
     return params
 
 
@@ -582,9 +697,13 @@ def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       step_hook: Callable[[int], None] | None = None,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    step_hook: Callable[[int], None] | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Trains and evaluates a model; resumes from the newest checkpoint in `workdir`.
 
     Before anything is written, the config is validated (`validate_config`) and, when the
@@ -613,9 +732,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if "://" in workdir:
         # os.path would turn "gs://b/x" into a local "./gs:/b/x": checkpoints that vanish
         # with the VM. Refuse rather than lose a run.
-        raise ValueError(f"workdir {workdir!r} is a URL; cloud storage workdirs are not "
-                         "supported yet. Use a local or shared POSIX path (e.g. a mounted "
-                         "bucket or NFS) visible to every host.")
+        raise ValueError(
+            f"workdir {workdir!r} is a URL; cloud storage workdirs are not "
+            "supported yet. Use a local or shared POSIX path (e.g. a mounted "
+            "bucket or NFS) visible to every host."
+        )
     validate_config(config)
     num_classes, num_train_examples = dataset_info(config)
     plan = make_plan(config, num_classes, num_train_examples)
@@ -638,22 +759,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = parallel.replicate(host_state)
     del host_state
 
-    p_train = parallel.pmap(functools.partial(
-        train_step, model=model, optimizer=optimizer, schedule=schedule, policy=policy,
-        label_smoothing=config.label_smoothing, max_ema_decay=config.ema_decay,
-        use_sam=config.sam.enabled), donate_argnums=(0,))
+    p_train = parallel.pmap(
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            policy=policy,
+            label_smoothing=config.label_smoothing,
+            max_ema_decay=config.ema_decay,
+            use_sam=config.sam.enabled,
+        ),
+        donate_argnums=(0,),
+    )
     p_eval = parallel.pmap(functools.partial(eval_step, model=model, policy=policy))
 
     def run_eval() -> dict[str, dict[str, float]]:
         results = {"eval": evaluate(p_eval, state.params, make_eval_iterator(config, plan))}
         if config.eval_ema:
-            results["eval_ema"] = evaluate(p_eval, state.ema_params,
-                                           make_eval_iterator(config, plan))
+            results["eval_ema"] = evaluate(
+                p_eval, state.ema_params, make_eval_iterator(config, plan)
+            )
         for split, values in results.items():
             writer.write(step, split, values)
             if jax.process_index() == 0:
-                logging.info("%s at step %d: top-1 %.4f, top-5 %.4f, loss %.4f", split, step,
-                             values["top1"], values["top5"], values["loss"])
+                logging.info(
+                    "%s at step %d: top-1 %.4f, top-5 %.4f, loss %.4f",
+                    split,
+                    step,
+                    values["top1"],
+                    values["top5"],
+                    values["loss"],
+                )
         writer.flush()
         return results
 
@@ -661,11 +798,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpointer.save(step, jax.device_get(parallel.unreplicate(state)))
 
     progress = metrics_lib.Progress(plan.total_steps, config.batch_size, start_step=step)
-    logging.info("Training %d steps (%.1f epochs of %d examples) at global batch %d on %d "
-                 "devices (%d processes); peak lr %.4g, warmup %d steps.", plan.total_steps,
-                 plan.total_steps / plan.steps_per_epoch, plan.num_train_examples,
-                 config.batch_size, jax.device_count(), jax.process_count(),
-                 plan.peak_learning_rate, plan.warmup_steps)
+    logging.info(
+        "Training %d steps (%.1f epochs of %d examples) at global batch %d on %d "
+        "devices (%d processes); peak lr %.4g, warmup %d steps.",
+        plan.total_steps,
+        plan.total_steps / plan.steps_per_epoch,
+        plan.num_train_examples,
+        config.batch_size,
+        jax.device_count(),
+        jax.process_count(),
+        plan.peak_learning_rate,
+        plan.warmup_steps,
+    )
     train_batches = make_train_iterator(config, plan, start_step=step)
     ckpt_every = config.checkpoint_every_steps
     log = {"train": {}, "interval": [], "step": step, "preempted": False}
@@ -680,7 +824,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f"{NON_FINITE_MESSAGE} ({values['loss']}, gradient norm {values['grad_norm']}) "
                 f"at step {done_step}: stopping. The last good checkpoint is step "
                 f"{checkpointer.latest_step()} in {checkpointer.directory}; lower the learning "
-                "rate or check the data before resuming.")
+                "rate or check the data before resuming."
+            )
         if not log["interval"] and not log["train"]:
             progress.restart(done_step)  # Throughput and ETA leave the compilation out.
         log["train"], log["step"] = values, done_step
@@ -700,8 +845,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     consume(pending)
                 pending = (step, device_metrics)
                 is_last = step == plan.total_steps
-                save_now = is_last or log["preempted"] or bool(ckpt_every and
-                                                               step % ckpt_every == 0)
+                save_now = (
+                    is_last or log["preempted"] or bool(ckpt_every and step % ckpt_every == 0)
+                )
                 if save_now:  # Read this step's metrics: never save a state after a NaN.
                     consume(pending)
                     pending = None
@@ -714,11 +860,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 if save_now:
                     save()
                 if log["preempted"]:
-                    logging.warning("Stopped at step %d on request; checkpoint saved in %s.",
-                                    step, checkpointer.directory)
+                    logging.warning(
+                        "Stopped at step %d on request; checkpoint saved in %s.",
+                        step,
+                        checkpointer.directory,
+                    )
                     break
-                if (not is_last and config.eval_every_steps
-                        and step % config.eval_every_steps == 0):
+                if not is_last and config.eval_every_steps and step % config.eval_every_steps == 0:
                     results.update(run_eval())
             if not log["preempted"] and (step == plan.total_steps):
                 results.update(run_eval())
@@ -728,7 +876,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     identical = parallel.replicas_identical(state)
     if not identical:
         logging.error("Replicas diverged: the local copies of the training state differ.")
-    results.update(step=step, train=log["train"], preempted=log["preempted"],
-                   replicas_identical=identical,
-                   state=jax.device_get(parallel.unreplicate(state)))
+    results.update(
+        step=step,
+        train=log["train"],
+        preempted=log["preempted"],
+        replicas_identical=identical,
+        state=jax.device_get(parallel.unreplicate(state)),
+    )
     return results

@@ -15,6 +15,7 @@ r"""Times NFNet inference and training steps, optionally side by side with timm.
 All measurements of one invocation are compiled first, then timed round-robin (median of
 --repeats rounds). Logic: nfnets_jax/benchmarking.py.
 """
+
 import json
 import os
 
@@ -25,34 +26,51 @@ from nfnets_jax import benchmarking
 _VARIANT = flags.DEFINE_string("variant", "F0", "NFNet variant.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per step.")
 _RESOLUTION = flags.DEFINE_integer(
-    "resolution", None, "Image size for every mode (overridden by the two flags below).")
-_INFER_RES = flags.DEFINE_integer("inference_resolution", None,
-                                  "Image size for init/inference; default 192.")
-_TRAIN_RES = flags.DEFINE_integer("train_resolution", None,
-                                  "Image size for train/grad/optimizer; default 128.")
+    "resolution", None, "Image size for every mode (overridden by the two flags below)."
+)
+_INFER_RES = flags.DEFINE_integer(
+    "inference_resolution", None, "Image size for init/inference; default 192."
+)
+_TRAIN_RES = flags.DEFINE_integer(
+    "train_resolution", None, "Image size for train/grad/optimizer; default 128."
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(benchmarking.DTYPES), "Compute dtype.")
-_GROUP_CONV = flags.DEFINE_list("group_conv", ["auto"],
-                                "Grouped-conv strategies to compare: auto,native,split,dense.")
-_CONV_GRAD = flags.DEFINE_list("conv_grad", ["auto"], "Convolution backward passes to "
-                               "compare: auto,xla,matmul.")
-_REMAT = flags.DEFINE_list("remat", ["false"], "Per-block rematerialisation: false, true or "
-                           "both (false,true).")
-_DONATE = flags.DEFINE_list("donate", ["true"], "Donate params and optimizer state to the "
-                            "step: true, false or both (true,false).")
-_MODES = flags.DEFINE_list("modes", ["inference", "train"],
-                           f"Subset of {','.join(benchmarking.MODES)}.")
+_GROUP_CONV = flags.DEFINE_list(
+    "group_conv", ["auto"], "Grouped-conv strategies to compare: auto,native,split,dense."
+)
+_CONV_GRAD = flags.DEFINE_list(
+    "conv_grad", ["auto"], "Convolution backward passes to compare: auto,xla,matmul."
+)
+_REMAT = flags.DEFINE_list(
+    "remat", ["false"], "Per-block rematerialisation: false, true or both (false,true)."
+)
+_DONATE = flags.DEFINE_list(
+    "donate",
+    ["true"],
+    "Donate params and optimizer state to the step: true, false or both (true,false).",
+)
+_MODES = flags.DEFINE_list(
+    "modes", ["inference", "train"], f"Subset of {','.join(benchmarking.MODES)}."
+)
 _ITERS = flags.DEFINE_integer("iters", 1, "Calls per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds (the median is reported).")
 _WARMUP = flags.DEFINE_integer(
-    "warmup", 3, "Untimed calls after compilation (with 1, JAX's times on this VM still fell "
-    "over the first rounds).")
+    "warmup",
+    3,
+    "Untimed calls after compilation (with 1, JAX's times on this VM still fell "
+    "over the first rounds).",
+)
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
 _MODEL_KWARGS = flags.DEFINE_string(
-    "model_kwargs", "{}", 'Extra NFNet arguments as JSON, e.g. \'{"widths": [32, 64, 128, '
-    '128], "depths": [1, 1, 1, 1], "group_width": 16}\'.')
+    "model_kwargs",
+    "{}",
+    'Extra NFNet arguments as JSON, e.g. \'{"widths": [32, 64, 128, '
+    '128], "depths": [1, 1, 1, 1], "group_width": 16}\'.',
+)
 _COMPARE = flags.DEFINE_enum("compare", None, ["timm"], "Also time timm's equivalent model.")
-_TIMM_CHANNELS_LAST = flags.DEFINE_bool("timm_channels_last", False,
-                                        "Run timm in channels-last (NHWC) memory format.")
+_TIMM_CHANNELS_LAST = flags.DEFINE_bool(
+    "timm_channels_last", False, "Run timm in channels-last (NHWC) memory format."
+)
 _JSON = flags.DEFINE_string("json", None, "Also write the full result as JSON here.")
 
 
@@ -70,17 +88,25 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--json: directory {json_dir!r} does not exist.")
     res = _RESOLUTION.value
     configs = benchmarking.build_configs(
-        group_convs=_GROUP_CONV.value, conv_grads=_CONV_GRAD.value,
+        group_convs=_GROUP_CONV.value,
+        conv_grads=_CONV_GRAD.value,
         remats=[_bool(r, "remat") for r in _REMAT.value],
         donates=[_bool(d, "donate") for d in _DONATE.value],
-        variant=_VARIANT.value, batch_size=_BATCH.value,
+        variant=_VARIANT.value,
+        batch_size=_BATCH.value,
         inference_resolution=_INFER_RES.value or res or 192,
-        train_resolution=_TRAIN_RES.value or res or 128, dtype=_DTYPE.value,
-        modes=tuple(_MODES.value), iters=_ITERS.value, repeats=_REPEATS.value,
-        warmup=_WARMUP.value, num_classes=_NUM_CLASSES.value,
-        model_kwargs=json.loads(_MODEL_KWARGS.value))
-    result = benchmarking.run(configs, compare_timm=_COMPARE.value == "timm",
-                              timm_channels_last=_TIMM_CHANNELS_LAST.value)
+        train_resolution=_TRAIN_RES.value or res or 128,
+        dtype=_DTYPE.value,
+        modes=tuple(_MODES.value),
+        iters=_ITERS.value,
+        repeats=_REPEATS.value,
+        warmup=_WARMUP.value,
+        num_classes=_NUM_CLASSES.value,
+        model_kwargs=json.loads(_MODEL_KWARGS.value),
+    )
+    result = benchmarking.run(
+        configs, compare_timm=_COMPARE.value == "timm", timm_channels_last=_TIMM_CHANNELS_LAST.value
+    )
     print(benchmarking.format_table(result))
     if _JSON.value:
         benchmarking.write_json(result, _JSON.value)

@@ -31,8 +31,9 @@ import optax
 from nfnets_jax import agc, nfnet, optim
 
 
-def time_interleaved(cases: list[tuple[str, Callable[..., Any], tuple[Any, ...]]],
-                     repeats: int) -> list[tuple[str, float, float]]:
+def time_interleaved(
+    cases: list[tuple[str, Callable[..., Any], tuple[Any, ...]]], repeats: int
+) -> list[tuple[str, float, float]]:
     """Times each jitted case; returns (name, median s per call, first call s incl. compile).
 
     After a warm-up, the cases run round-robin so that load from other processes on a
@@ -50,8 +51,10 @@ def time_interleaved(cases: list[tuple[str, Callable[..., Any], tuple[Any, ...]]
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[i].append(time.perf_counter() - start)
-    return [(name, statistics.median(t), first)
-            for (name, _, _), t, first in zip(cases, times, firsts, strict=True)]
+    return [
+        (name, statistics.median(t), first)
+        for (name, _, _), t, first in zip(cases, times, firsts, strict=True)
+    ]
 
 
 def make_forward(variant: str) -> hk.Transformed:
@@ -89,32 +92,42 @@ def main() -> None:
     images = jnp.zeros((args.batch_size, args.image_size, args.image_size, 3), jnp.float32)
     shapes = jax.eval_shape(forward.init, jax.random.PRNGKey(0), images[:1])
     params = random_params(shapes)
-    grads = jax.tree.map(lambda p: 0.01 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
-                         params)
+    grads = jax.tree.map(lambda p: 0.01 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"{args.variant}: {n_params:,} parameters in {len(jax.tree.leaves(params))} leaves; "
-          f"backend {jax.default_backend()}, {jax.device_count()} device(s)")
+    print(
+        f"{args.variant}: {n_params:,} parameters in {len(jax.tree.leaves(params))} leaves; "
+        f"backend {jax.default_backend()}, {jax.device_count()} device(s)"
+    )
 
     ours = agc.adaptive_grad_clip(0.01, mask=agc.nfnet_mask)
     theirs = optax.adaptive_grad_clip(0.01)
     reference = optim.make_optimizer(learning_rate=optim.warmup_cosine_schedule(1.6, 10, 100))
-    plain_sgd = optax.sgd(optim.warmup_cosine_schedule(1.6, 10, 100), momentum=0.9,
-                          nesterov=True)
+    plain_sgd = optax.sgd(optim.warmup_cosine_schedule(1.6, 10, 100), momentum=0.9, nesterov=True)
 
     def full_update(tx: optax.GradientTransformation) -> Callable[..., Any]:
         def step(grads, state, params):
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
+
         return jax.jit(step)
 
     cases = [
         ("AGC alone (nfnets_jax.agc)", jax.jit(ours.update), (grads, ours.init(params), params)),
-        ("AGC alone (optax.adaptive_grad_clip)", jax.jit(theirs.update),
-         (grads, theirs.init(params), params)),
-        ("Nesterov SGD + apply_updates (no AGC/wd)", full_update(plain_sgd),
-         (grads, plain_sgd.init(params), params)),
-        ("reference optimizer + apply_updates", full_update(reference),
-         (grads, reference.init(params), params)),
+        (
+            "AGC alone (optax.adaptive_grad_clip)",
+            jax.jit(theirs.update),
+            (grads, theirs.init(params), params),
+        ),
+        (
+            "Nesterov SGD + apply_updates (no AGC/wd)",
+            full_update(plain_sgd),
+            (grads, plain_sgd.init(params), params),
+        ),
+        (
+            "reference optimizer + apply_updates",
+            full_update(reference),
+            (grads, reference.init(params), params),
+        ),
     ]
     rows = time_interleaved(cases, args.repeats)
 
@@ -128,8 +141,9 @@ def main() -> None:
 
         grad_step = jax.jit(jax.value_and_grad(loss_fn))
         name = f"train step fwd+bwd (batch {args.batch_size}, {args.image_size} px, f32)"
-        rows += time_interleaved([(name, grad_step, (params, jax.random.PRNGKey(2), images))],
-                                 args.train_repeats)
+        rows += time_interleaved(
+            [(name, grad_step, (params, jax.random.PRNGKey(2), images))], args.train_repeats
+        )
         train = rows[-1][1]
 
     print()

@@ -7,6 +7,7 @@ implementation and optionally in PyTorch, and sums them weighted by how often th
 
 Logic and what exactly is timed: nfnets_jax/layer_benchmark.py.
 """
+
 import json
 
 from absl import app, flags
@@ -17,8 +18,9 @@ _VARIANT = flags.DEFINE_string("variant", "F0", "NFNet variant.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per call.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 128, "Square image size of the model.")
 _GROUP_CONV = flags.DEFINE_string("group_conv", "auto", "Grouped-conv strategy.")
-_CONV_GRAD = flags.DEFINE_list("conv_grad", ["xla", "matmul"],
-                               "Convolution backward passes to compare.")
+_CONV_GRAD = flags.DEFINE_list(
+    "conv_grad", ["xla", "matmul"], "Convolution backward passes to compare."
+)
 _COMPARE = flags.DEFINE_enum("compare", None, ["torch"], "Also time PyTorch's conv2d.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per layer (median reported).")
 _ITERS = flags.DEFINE_integer("iters", 5, "Back-to-back calls per timed run.")
@@ -31,17 +33,23 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         config = benchmarking.BenchmarkConfig(
-            variant=_VARIANT.value, batch_size=_BATCH.value,
-            train_resolution=_RESOLUTION.value, group_conv=_GROUP_CONV.value,
-            model_kwargs=json.loads(_MODEL_KWARGS.value))
+            variant=_VARIANT.value,
+            batch_size=_BATCH.value,
+            train_resolution=_RESOLUTION.value,
+            group_conv=_GROUP_CONV.value,
+            model_kwargs=json.loads(_MODEL_KWARGS.value),
+        )
         for impl in _CONV_GRAD.value:
             layers.resolve_conv_grad(impl)
     except (ValueError, json.JSONDecodeError) as err:
         raise app.UsageError(str(err)) from err
-    result = layer_benchmark.run(config, _CONV_GRAD.value, _COMPARE.value == "torch",
-                                 _REPEATS.value, iters=_ITERS.value)
-    print(f"{config.variant}, batch {config.batch_size} @ {config.train_resolution} px, "
-          f"group_conv={config.group_conv}: forward + backward per convolution")
+    result = layer_benchmark.run(
+        config, _CONV_GRAD.value, _COMPARE.value == "torch", _REPEATS.value, iters=_ITERS.value
+    )
+    print(
+        f"{config.variant}, batch {config.batch_size} @ {config.train_resolution} px, "
+        f"group_conv={config.group_conv}: forward + backward per convolution"
+    )
     print(layer_benchmark.format_table(result))
     if _JSON.value:
         with open(_JSON.value, "w") as f:

@@ -13,22 +13,29 @@ are squash-resized (bicubic) to (S + 32)^2 and centre-cropped to S^2, S = the va
 resolution unless --resolution is given. Data parallel over all devices; every example of
 the split is counted exactly once.
 """
+
 from absl import app, flags
 
 from nfnets_jax import evaluation
 
 _CHECKPOINTS = flags.DEFINE_multi_string("checkpoint", None, "Checkpoint(s) to evaluate.")
 _VARIANT = flags.DEFINE_string("variant", None, "Expected variant (default: detected).")
-_DATASET = flags.DEFINE_string("dataset", "imagenet2012",
-                               "imagenet2012, digits, tfds:<name> or folder:<path>.")
+_DATASET = flags.DEFINE_string(
+    "dataset", "imagenet2012", "imagenet2012, digits, tfds:<name> or folder:<path>."
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 _SPLIT = flags.DEFINE_string("split", None, "Split (default: the dataset's evaluation split).")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "imagenet2012 manual download directory.")
 _RESOLUTION = flags.DEFINE_integer("resolution", None, "Test px (default: the variant's).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
-                                   "Global batch size (default: 16 per device).")
-_NUMERICS = flags.DEFINE_enum("numerics", None, ["reference", "timm"],
-                              "Model numerics (default: timm for .pth files, else reference).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Global batch size (default: 16 per device)."
+)
+_NUMERICS = flags.DEFINE_enum(
+    "numerics",
+    None,
+    ["reference", "timm"],
+    "Model numerics (default: timm for .pth files, else reference).",
+)
 _EMA = flags.DEFINE_bool("ema", True, "Workdirs: evaluate the EMA parameters.")
 _GROUP_CONV = flags.DEFINE_string("group_conv", "auto", "Grouped-convolution strategy.")
 flags.mark_flag_as_required("checkpoint")
@@ -39,11 +46,21 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     reports = []
     for checkpoint in _CHECKPOINTS.value:
-        reports.append(evaluation.evaluate_checkpoint(
-            checkpoint, _DATASET.value, variant=_VARIANT.value, resolution=_RESOLUTION.value,
-            global_batch_size=_BATCH_SIZE.value, data_dir=_DATA_DIR.value, split=_SPLIT.value,
-            manual_dir=_MANUAL_DIR.value, numerics=_NUMERICS.value, ema=_EMA.value,
-            group_conv=_GROUP_CONV.value))
+        reports.append(
+            evaluation.evaluate_checkpoint(
+                checkpoint,
+                _DATASET.value,
+                variant=_VARIANT.value,
+                resolution=_RESOLUTION.value,
+                global_batch_size=_BATCH_SIZE.value,
+                data_dir=_DATA_DIR.value,
+                split=_SPLIT.value,
+                manual_dir=_MANUAL_DIR.value,
+                numerics=_NUMERICS.value,
+                ema=_EMA.value,
+                group_conv=_GROUP_CONV.value,
+            )
+        )
         print(evaluation.format_table(reports[-1:]), flush=True)
     if len(reports) > 1:
         print("\n" + evaluation.format_table(reports))

@@ -1,15 +1,17 @@
 r"""Prints parameter, module and MAC counts of NFNet / NF-ResNet variants (no compute).
 
-  python scripts/model_info.py                       # all NFNet variants at test size
-  python scripts/model_info.py --variants=F0,F1 --resolution=224
+python scripts/model_info.py                       # all NFNet variants at test size
+python scripts/model_info.py --variants=F0,F1 --resolution=224
 """
+
 from absl import app, flags
 
 from nfnets_jax import counting, nfnet, nfresnet
 
 _VARIANTS = flags.DEFINE_list("variants", list(nfnet.VARIANTS), "Variants to count.")
-_RESOLUTION = flags.DEFINE_integer("resolution", 0, "Input size; 0 = each NFNet's test size "
-                                   "(224 for NF-ResNets).")
+_RESOLUTION = flags.DEFINE_integer(
+    "resolution", 0, "Input size; 0 = each NFNet's test size (224 for NF-ResNets)."
+)
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
 
 
@@ -24,9 +26,12 @@ def main(argv):
             default_px = nfnet.check_variant(variant, nfnet.VARIANTS)["test_imsize"]
         px = _RESOLUTION.value or default_px
         counts = counting.model_counts(
-            lambda x, b=build, v=variant: b(_NUM_CLASSES.value, v)(x, is_training=False), px)
-        print(f"{variant:<10} {px:>4} {counts['params']:>13,} {counts['modules']:>8} "
-              f"{counts['macs'] / 1e9:>9.2f}")
+            lambda x, b=build, v=variant: b(_NUM_CLASSES.value, v)(x, is_training=False), px
+        )
+        print(
+            f"{variant:<10} {px:>4} {counts['params']:>13,} {counts['modules']:>8} "
+            f"{counts['macs'] / 1e9:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ preprocessing (bicubic squash-resize to (S + 32)^2, centre crop S^2). Models wit
 classes print ImageNet class names; others need --labels (one name per line) or print
 label indices.
 """
+
 from absl import app, flags
 
 from nfnets_jax import evaluation, nfnet
@@ -19,8 +20,12 @@ _VARIANT = flags.DEFINE_string("variant", None, "Expected variant (default: dete
 _RESOLUTION = flags.DEFINE_integer("resolution", None, "Test px (default: the variant's).")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Classes to print per image.")
 _LABELS = flags.DEFINE_string("labels", None, "Class names, one per line (non-ImageNet).")
-_NUMERICS = flags.DEFINE_enum("numerics", None, ["reference", "timm"],
-                              "Model numerics (default: timm for .pth files, else reference).")
+_NUMERICS = flags.DEFINE_enum(
+    "numerics",
+    None,
+    ["reference", "timm"],
+    "Model numerics (default: timm for .pth files, else reference).",
+)
 flags.mark_flag_as_required("checkpoint")
 
 
@@ -43,8 +48,13 @@ def main(argv: list[str]) -> None:
         kwargs["numerics"] = _NUMERICS.value
     resolution = _RESOLUTION.value or nfnet.VARIANTS[kwargs["variant"]]["test_imsize"]
     predictions = evaluation.classify_files(
-        evaluation.model_apply_fn(**kwargs), params, paths, class_names(kwargs["num_classes"]),
-        resolution, top_k=_TOP_K.value)
+        evaluation.model_apply_fn(**kwargs),
+        params,
+        paths,
+        class_names(kwargs["num_classes"]),
+        resolution,
+        top_k=_TOP_K.value,
+    )
     for prediction in predictions:
         print(prediction.path)
         for rank, (index, name, prob) in enumerate(prediction.top, start=1):

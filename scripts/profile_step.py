@@ -8,6 +8,7 @@ Thunk durations from `jax.profiler`, grouped by `nfnets_jax.profiling.categorize
 overlap (concurrent thunks), so read the shares. Timing comparisons belong to
 scripts/benchmark.py, which interleaves its measurements.
 """
+
 import dataclasses
 import json
 
@@ -21,8 +22,12 @@ from nfnets_jax import benchmarking, optim, profiling
 _VARIANT = flags.DEFINE_string("variant", "F0", "NFNet variant.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per step.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 128, "Square image size.")
-_MODE = flags.DEFINE_enum("mode", "grad", ["grad", "inference"],
-                          "grad: forward + backward of the training loss; inference.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "grad",
+    ["grad", "inference"],
+    "grad: forward + backward of the training loss; inference.",
+)
 _GROUP_CONV = flags.DEFINE_string("group_conv", "auto", "Grouped-conv strategy.")
 _CONV_GRAD = flags.DEFINE_list("conv_grad", ["auto"], "Backward passes to profile, in turn.")
 _ITERS = flags.DEFINE_integer("iters", 2, "Profiled calls (after one untimed call).")
@@ -39,8 +44,7 @@ def profile_one(config: benchmarking.BenchmarkConfig, mode: str, iters: int) -> 
         args = (params, images)
     else:
         optimizer = optim.make_optimizer(learning_rate=0.1)
-        fn = benchmarking.make_train_step(transformed, optimizer, jnp.float32,
-                                          with_update=False)
+        fn = benchmarking.make_train_step(transformed, optimizer, jnp.float32, with_update=False)
         labels = jnp.arange(config.batch_size, dtype=jnp.int32) % config.num_classes
         args = (params, optimizer.init(params), images, labels, rng)
     compiled = jax.jit(fn).lower(*args).compile()
@@ -51,15 +55,23 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     base = benchmarking.BenchmarkConfig(
-        variant=_VARIANT.value, batch_size=_BATCH.value, train_resolution=_RESOLUTION.value,
-        group_conv=_GROUP_CONV.value, model_kwargs=json.loads(_MODEL_KWARGS.value))
+        variant=_VARIANT.value,
+        batch_size=_BATCH.value,
+        train_resolution=_RESOLUTION.value,
+        group_conv=_GROUP_CONV.value,
+        model_kwargs=json.loads(_MODEL_KWARGS.value),
+    )
     for impl in _CONV_GRAD.value:
         config = dataclasses.replace(base, conv_grad=impl)
         result = profile_one(config, _MODE.value, _ITERS.value)
-        print(profiling.format_profile(
-            result, f"{config.variant} {_MODE.value}, batch {config.batch_size} @ "
-                    f"{config.train_resolution} px, group_conv={config.group_conv}, "
-                    f"conv_grad={impl}"))
+        print(
+            profiling.format_profile(
+                result,
+                f"{config.variant} {_MODE.value}, batch {config.batch_size} @ "
+                f"{config.train_resolution} px, group_conv={config.group_conv}, "
+                f"conv_grad={impl}",
+            )
+        )
         print()
 
 

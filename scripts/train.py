@@ -11,6 +11,7 @@ flag). Elsewhere, multi-process runs pass --coordinator_address, --num_processes
 local or shared POSIX path (gs:// URLs are refused); resuming with a config that changes the
 model or the optimizer state is refused unless --allow_config_change is given.
 """
+
 import logging as py_logging
 
 from absl import app, flags, logging
@@ -19,21 +20,32 @@ from ml_collections import config_flags
 from nfnets_jax import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, e.g. configs/imagenet_nfnet.py:F1.", lock_config=True)
+    "config", None, "Training config file, e.g. configs/imagenet_nfnet.py:F1.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for multi-process runs (not needed "
-    "on TPU pods, Slurm srun steps or Open MPI, where JAX discovers the layout).")
+    "coordinator_address",
+    None,
+    "host:port of process 0 for multi-process runs (not needed "
+    "on TPU pods, Slurm srun steps or Open MPI, where JAX discovers the layout).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Start jax.distributed with auto-detection of the hosts (TPU pod "
-    "slices; multi-task Slurm srun steps and Open MPI jobs are detected without this flag).")
+    "distributed",
+    False,
+    "Start jax.distributed with auto-detection of the hosts (TPU pod "
+    "slices; multi-task Slurm srun steps and Open MPI jobs are detected without this flag).",
+)
 _CPU_COLLECTIVES = flags.DEFINE_string(
-    "cpu_collectives", None, "CPU collectives for multi-process CPU runs, e.g. 'gloo'.")
+    "cpu_collectives", None, "CPU collectives for multi-process CPU runs, e.g. 'gloo'."
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume the checkpoint in --workdir even if the config "
-    "changes the model or optimizer state (array shapes must still match).")
+    "allow_config_change",
+    False,
+    "Resume the checkpoint in --workdir even if the config "
+    "changes the model or optimizer state (array shapes must still match).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -49,17 +61,27 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_DropLibraryChatter())
     train.validate_config(_CONFIG.value)  # Fail fast, before waiting for other hosts.
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                    cpu_collectives=_CPU_COLLECTIVES.value,
-                                    auto=_DISTRIBUTED.value)
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    parallel.initialize_distributed(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        cpu_collectives=_CPU_COLLECTIVES.value,
+        auto=_DISTRIBUTED.value,
+    )
+    results = train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
     for split in ("eval", "eval_ema"):
         if split in results:
             values = results[split]
-            logging.info("Final %s (step %d): top-1 %.2f%%, top-5 %.2f%%, loss %.4f.", split,
-                         results["step"], 100 * values["top1"], 100 * values["top5"],
-                         values["loss"])
+            logging.info(
+                "Final %s (step %d): top-1 %.2f%%, top-5 %.2f%%, loss %.4f.",
+                split,
+                results["step"],
+                100 * values["top1"],
+                100 * values["top5"],
+                values["loss"],
+            )
 
 
 if __name__ == "__main__":

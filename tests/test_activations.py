@@ -1,4 +1,5 @@
 """Scaled activations: the gamma table makes each activation unit-variance on N(0, 1)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +29,9 @@ def test_estimate_gamma_reproduces_table(name):
 
 def test_estimate_gamma_is_exact_for_relu():
     exact = 1 / np.sqrt(0.5 * (1 - 1 / np.pi))
-    assert activations.estimate_gamma(activations.unscaled("relu")) == pytest.approx(exact,
-                                                                                     rel=1e-5)
+    assert activations.estimate_gamma(activations.unscaled("relu")) == pytest.approx(
+        exact, rel=1e-5
+    )
 
 
 def test_estimate_gamma_of_a_new_activation():
@@ -42,10 +44,12 @@ def test_estimate_gamma_of_a_new_activation():
 def test_default_gelu_is_the_tanh_approximation():
     x = jnp.linspace(-4, 4, 101)
     gamma = activations.GAMMAS["gelu"]
-    np.testing.assert_allclose(activations.get("gelu")(x),
-                               jax.nn.gelu(x, approximate=True) * gamma, rtol=1e-6)
-    assert not np.allclose(activations.get("gelu")(x), activations.get("gelu_exact")(x),
-                           rtol=1e-6, atol=0)
+    np.testing.assert_allclose(
+        activations.get("gelu")(x), jax.nn.gelu(x, approximate=True) * gamma, rtol=1e-6
+    )
+    assert not np.allclose(
+        activations.get("gelu")(x), activations.get("gelu_exact")(x), rtol=1e-6, atol=0
+    )
 
 
 def test_unknown_activation_lists_valid_names():

@@ -30,8 +30,7 @@ def np_unit_norms(x: np.ndarray, unit_axis: int = -1) -> np.ndarray:
     return np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
 
 
-def np_agc_leaf(g: np.ndarray, w: np.ndarray, clipping: float, eps: float = 1e-3
-                ) -> np.ndarray:
+def np_agc_leaf(g: np.ndarray, w: np.ndarray, clipping: float, eps: float = 1e-3) -> np.ndarray:
     """Independent NumPy implementation of the reference rule, written as in the paper."""
     g_norm = np_unit_norms(g)
     w_norm = np.maximum(np_unit_norms(w), eps)
@@ -45,10 +44,23 @@ def clip(tree_g, tree_w, clipping, **kwargs):
     return tx.update(tree_g, tx.init(tree_w), tree_w)
 
 
-SHAPES = st.sampled_from([
-    (), (1,), (7,), (1, 5), (5, 1), (6, 4), (3, 3, 2, 4), (1, 1, 8, 3), (2, 2, 2, 2, 3),
-    (1, 1, 1, 5), (4, 1, 1, 1), (8, 16), (3, 3, 4, 1),
-])
+SHAPES = st.sampled_from(
+    [
+        (),
+        (1,),
+        (7,),
+        (1, 5),
+        (5, 1),
+        (6, 4),
+        (3, 3, 2, 4),
+        (1, 1, 8, 3),
+        (2, 2, 2, 2, 3),
+        (1, 1, 1, 5),
+        (4, 1, 1, 1),
+        (8, 16),
+        (3, 3, 4, 1),
+    ]
+)
 LOG_SCALES = st.floats(min_value=-4.0, max_value=3.0)
 
 
@@ -92,8 +104,7 @@ def test_bound_holds_and_small_units_unchanged(pair, clipping):
     under = ratio < 1 - 1e-5
     np.testing.assert_array_equal(out[under], g[under])
     over = ratio > 1 + 1e-5
-    np.testing.assert_allclose(out_norm[over], np.broadcast_to(max_norm, g.shape)[over],
-                               rtol=1e-5)
+    np.testing.assert_allclose(out_norm[over], np.broadcast_to(max_norm, g.shape)[over], rtol=1e-5)
     # The state counts exactly the rescaled units.
     units = np_unit_norms(g).size
     n_over = int(np.sum(np_unit_norms(g) / max_norm > 1 + 1e-5))
@@ -108,8 +119,7 @@ def test_clipping_twice_equals_clipping_once(pair, clipping):
     g, w = pair
     once, _ = clip({"p": jnp.asarray(g)}, {"p": jnp.asarray(w)}, clipping)
     twice, _ = clip(once, {"p": jnp.asarray(w)}, clipping)
-    np.testing.assert_allclose(np.asarray(twice["p"]), np.asarray(once["p"]), rtol=1e-6,
-                               atol=0)
+    np.testing.assert_allclose(np.asarray(twice["p"]), np.asarray(once["p"]), rtol=1e-6, atol=0)
 
 
 @PROPERTY_SETTINGS
@@ -125,14 +135,16 @@ def test_masked_leaves_untouched(a, b, clip_a):
 
 
 @PROPERTY_SETTINGS
-@given(shape=SHAPES, clipping=st.floats(min_value=1e-3, max_value=1.0),
-       g_scale=LOG_SCALES)
+@given(shape=SHAPES, clipping=st.floats(min_value=1e-3, max_value=1.0), g_scale=LOG_SCALES)
 def test_zero_weights_and_zero_gradients_no_nan(shape, clipping, g_scale):
     rng = np.random.default_rng(0)
     zeros = jnp.zeros(shape, jnp.float32)
-    g = jnp.asarray(rng.standard_normal(shape) * 10.0 ** g_scale, jnp.float32)
-    out, _ = clip({"zero_g": zeros, "zero_w": g, "both": zeros},
-                  {"zero_g": g, "zero_w": zeros, "both": zeros}, clipping)
+    g = jnp.asarray(rng.standard_normal(shape) * 10.0**g_scale, jnp.float32)
+    out, _ = clip(
+        {"zero_g": zeros, "zero_w": g, "both": zeros},
+        {"zero_g": g, "zero_w": zeros, "both": zeros},
+        clipping,
+    )
     for leaf in jax.tree.leaves(out):
         assert not np.any(np.isnan(np.asarray(leaf)))
     np.testing.assert_array_equal(np.asarray(out["zero_g"]), 0.0)
@@ -146,8 +158,10 @@ def test_zero_weights_and_zero_gradients_no_nan(shape, clipping, g_scale):
 
 
 @PROPERTY_SETTINGS
-@given(pairs=st.lists(leaf_pairs(zero_prob=False), min_size=1, max_size=3),
-       clipping=st.floats(min_value=1e-3, max_value=1.0))
+@given(
+    pairs=st.lists(leaf_pairs(zero_prob=False), min_size=1, max_size=3),
+    clipping=st.floats(min_value=1e-3, max_value=1.0),
+)
 def test_matches_optax_adaptive_grad_clip(pairs, clipping):
     grads = [jnp.asarray(g) for g, _ in pairs]
     params = [jnp.asarray(w) for _, w in pairs]
@@ -162,7 +176,8 @@ def test_matches_optax_adaptive_grad_clip(pairs, clipping):
 def f0_shapes():
     forward = hk.transform(lambda x: nfnet.NFNet(variant="F0")(x, is_training=True))
     return jax.eval_shape(
-        lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32)))
+        lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+    )
 
 
 def random_tree(shapes, seed):
@@ -172,8 +187,7 @@ def random_tree(shapes, seed):
     out = []
     for leaf in leaves:
         # Cheap randomness for 71M values: a random block repeated to the leaf's size.
-        x = np.resize(rng.standard_normal(min(leaf.size, 1 << 18), dtype=np.float32),
-                      leaf.shape)
+        x = np.resize(rng.standard_normal(min(leaf.size, 1 << 18), dtype=np.float32), leaf.shape)
         x *= np.float32(10.0 ** rng.uniform(-3, 1))
         if leaf.ndim >= 2:
             x *= (10.0 ** rng.uniform(-1.5, 1.5, size=leaf.shape[-1])).astype(np.float32)
@@ -189,23 +203,27 @@ def test_full_f0_tree_matches_numpy_reference():
     out, state = jax.jit(tx.update)(grads, tx.init(params), params)
     total_units = 0
     total_clipped = 0
-    for (path, g), w, o in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                               jax.tree.leaves(params), jax.tree.leaves(out), strict=True):
+    for (path, g), w, o in zip(
+        jax.tree_util.tree_flatten_with_path(grads)[0],
+        jax.tree.leaves(params),
+        jax.tree.leaves(out),
+        strict=True,
+    ):
         name = agc.path_to_str(path)
         o = np.asarray(o)
         if name == CLASSIFIER_W:
             np.testing.assert_array_equal(o, g, err_msg=name)
             continue
-        np.testing.assert_allclose(o, np_agc_leaf(g, w, 0.01), rtol=2e-5, atol=0,
-                                   err_msg=name)
+        np.testing.assert_allclose(o, np_agc_leaf(g, w, 0.01), rtol=2e-5, atol=0, err_msg=name)
         ratio = np_unit_norms(g) / np.maximum(np_unit_norms(w), 1e-3)
         total_units += ratio.size
         total_clipped += int(np.sum(ratio > 0.01))
     # The random scales give a real mix of clipped and unclipped units.
     assert 0.1 < total_clipped / total_units < 0.9
     assert abs(int(state.num_clipped) - total_clipped) <= 2
-    np.testing.assert_allclose(float(state.clipped_fraction), total_clipped / total_units,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        float(state.clipped_fraction), total_clipped / total_units, atol=1e-4
+    )
 
 
 # ----------------------------------------------------------------------------- dtypes, jit, pmap
@@ -225,12 +243,19 @@ def test_jit_and_pmap_with_bf16_gradients():
     n = jax.local_device_count()
     assert n == 8, "conftest should provide 8 fake CPU devices"
     rng = np.random.default_rng(0)
-    params = {"conv": {"w": rng.standard_normal((3, 3, 4, 8)).astype(np.float32),
-                       "gain": np.ones(8, np.float32)},
-              "linear": {"w": rng.standard_normal((8, 5)).astype(np.float32),
-                         "b": np.zeros(5, np.float32)}}
+    params = {
+        "conv": {
+            "w": rng.standard_normal((3, 3, 4, 8)).astype(np.float32),
+            "gain": np.ones(8, np.float32),
+        },
+        "linear": {
+            "w": rng.standard_normal((8, 5)).astype(np.float32),
+            "b": np.zeros(5, np.float32),
+        },
+    }
     per_device_grads = jax.tree.map(
-        lambda x: jnp.asarray(rng.standard_normal((n,) + x.shape) * 0.3, jnp.bfloat16), params)
+        lambda x: jnp.asarray(rng.standard_normal((n,) + x.shape) * 0.3, jnp.bfloat16), params
+    )
     tx = agc.adaptive_grad_clip(0.05, track_per_param=True)
     state = tx.init(params)
 
@@ -240,26 +265,41 @@ def test_jit_and_pmap_with_bf16_gradients():
 
     replicate = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), t)
     out, new_state = jax.pmap(step, axis_name="batch")(
-        per_device_grads, replicate(state), replicate(params))
+        per_device_grads, replicate(state), replicate(params)
+    )
     for leaf in jax.tree.leaves(out):
         assert leaf.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(leaf, np.float32),
-                                      np.asarray(leaf[:1], np.float32).repeat(n, 0))
-    mean_grads = jax.tree.map(lambda x: jnp.mean(x, 0, dtype=jnp.float32).astype(jnp.bfloat16),
-                              per_device_grads)
+        np.testing.assert_array_equal(
+            np.asarray(leaf, np.float32), np.asarray(leaf[:1], np.float32).repeat(n, 0)
+        )
+    mean_grads = jax.tree.map(
+        lambda x: jnp.mean(x, 0, dtype=jnp.float32).astype(jnp.bfloat16), per_device_grads
+    )
     single, single_state = jax.jit(tx.update)(mean_grads, state, params)
-    for a, b, g, w in zip(jax.tree.leaves(out), jax.tree.leaves(single),
-                          jax.tree.leaves(mean_grads), jax.tree.leaves(params), strict=True):
-        np.testing.assert_allclose(np.asarray(a[0], np.float32), np.asarray(b, np.float32),
-                                   rtol=1e-2, atol=1e-6)
+    for a, b, g, w in zip(
+        jax.tree.leaves(out),
+        jax.tree.leaves(single),
+        jax.tree.leaves(mean_grads),
+        jax.tree.leaves(params),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            np.asarray(a[0], np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-6
+        )
         expected = np_agc_leaf(np.asarray(g, np.float32), w, 0.05).astype(jnp.bfloat16)
-        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(expected, np.float32),
-                                   rtol=1e-2, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(new_state.clipped_fraction),
-                                  float(new_state.clipped_fraction[0]))
+        np.testing.assert_allclose(
+            np.asarray(b, np.float32), np.asarray(expected, np.float32), rtol=1e-2, atol=1e-6
+        )
+    np.testing.assert_array_equal(
+        np.asarray(new_state.clipped_fraction), float(new_state.clipped_fraction[0])
+    )
     assert float(single_state.clipped_fraction) > 0
     assert set(new_state.per_param_clipped_fraction) == {
-        "conv/gain", "conv/w", "linear/b", "linear/w"}
+        "conv/gain",
+        "conv/w",
+        "linear/b",
+        "linear/w",
+    }
 
 
 def test_bf16_unclipped_units_keep_their_bits():
@@ -282,12 +322,16 @@ def test_unit_axis_zero_matches_transposed_haiku_layout():
     g_dense = (rng.standard_normal((5, 7)) * 0.3).astype(np.float32)
     to_oihw = lambda x: np.transpose(x, (3, 2, 0, 1))
     haiku_out, _ = clip({"c": g_hwio, "d": g_dense}, {"c": w_hwio, "d": w_dense}, 0.05)
-    torch_out, _ = clip({"c": to_oihw(g_hwio), "d": g_dense.T},
-                        {"c": to_oihw(w_hwio), "d": w_dense.T}, 0.05, unit_axis=0)
-    np.testing.assert_allclose(np.asarray(torch_out["c"]), to_oihw(np.asarray(haiku_out["c"])),
-                               rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(torch_out["d"]), np.asarray(haiku_out["d"]).T,
-                               rtol=1e-6)
+    torch_out, _ = clip(
+        {"c": to_oihw(g_hwio), "d": g_dense.T},
+        {"c": to_oihw(w_hwio), "d": w_dense.T},
+        0.05,
+        unit_axis=0,
+    )
+    np.testing.assert_allclose(
+        np.asarray(torch_out["c"]), to_oihw(np.asarray(haiku_out["c"])), rtol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(torch_out["d"]), np.asarray(haiku_out["d"]).T, rtol=1e-6)
     # Without the right axis the result differs: the layout matters.
     wrong, _ = clip({"d": g_dense.T}, {"d": w_dense.T}, 0.05)
     assert not np.allclose(np.asarray(wrong["d"]), np.asarray(haiku_out["d"]).T)
@@ -295,9 +339,11 @@ def test_unit_axis_zero_matches_transposed_haiku_layout():
 
 def test_per_leaf_unit_axes_tree_and_callable():
     rng = np.random.default_rng(2)
-    params = {"dense_out_in": rng.standard_normal((6, 4)).astype(np.float32),
-              "dense_in_out": rng.standard_normal((4, 6)).astype(np.float32),
-              "matrix_as_one_unit": rng.standard_normal((4, 6)).astype(np.float32)}
+    params = {
+        "dense_out_in": rng.standard_normal((6, 4)).astype(np.float32),
+        "dense_in_out": rng.standard_normal((4, 6)).astype(np.float32),
+        "matrix_as_one_unit": rng.standard_normal((4, 6)).astype(np.float32),
+    }
     grads = jax.tree.map(lambda x: x * 0.2, params)
     axes = {"dense_out_in": 0, "dense_in_out": -1, "matrix_as_one_unit": None}
     from_tree, _ = clip(grads, params, 0.05, unit_axis=axes)
@@ -305,9 +351,9 @@ def test_per_leaf_unit_axes_tree_and_callable():
     expected = {
         "dense_out_in": np_agc_leaf(grads["dense_out_in"].T, params["dense_out_in"].T, 0.05).T,
         "dense_in_out": np_agc_leaf(grads["dense_in_out"], params["dense_in_out"], 0.05),
-        "matrix_as_one_unit": np_agc_leaf(grads["matrix_as_one_unit"].reshape(-1),
-                                          params["matrix_as_one_unit"].reshape(-1),
-                                          0.05).reshape(4, 6),
+        "matrix_as_one_unit": np_agc_leaf(
+            grads["matrix_as_one_unit"].reshape(-1), params["matrix_as_one_unit"].reshape(-1), 0.05
+        ).reshape(4, 6),
     }
     for out in (from_tree, from_fn):
         for key, value in expected.items():
@@ -316,16 +362,21 @@ def test_per_leaf_unit_axes_tree_and_callable():
 
 def test_unitwise_norm_layouts():
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    np.testing.assert_allclose(np.asarray(agc.unitwise_norm(x)),
-                               np.sqrt((x.astype(np.float64) ** 2).sum((0, 1), keepdims=True)),
-                               rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(agc.unitwise_norm(x, 1)),
-                               np.sqrt((x.astype(np.float64) ** 2).sum((0, 2), keepdims=True)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(agc.unitwise_norm(x)),
+        np.sqrt((x.astype(np.float64) ** 2).sum((0, 1), keepdims=True)),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(agc.unitwise_norm(x, 1)),
+        np.sqrt((x.astype(np.float64) ** 2).sum((0, 2), keepdims=True)),
+        rtol=1e-6,
+    )
     gain_pytorch = np.full((5, 1, 1, 1), 2.0, np.float32)
     assert agc.unitwise_norm(gain_pytorch, 0).shape == (1, 1, 1, 1)
-    np.testing.assert_allclose(float(agc.unitwise_norm(gain_pytorch, 0).squeeze()),
-                               np.sqrt(20.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(agc.unitwise_norm(gain_pytorch, 0).squeeze()), np.sqrt(20.0), rtol=1e-6
+    )
     assert agc.unitwise_norm(jnp.ones((), jnp.bfloat16)).dtype == jnp.float32
 
 
@@ -347,8 +398,9 @@ def fake_nfnet_params(prefix="NFNet"):
 def test_nfnet_mask_excludes_only_the_classifier_weight(prefix):
     params = fake_nfnet_params(prefix)
     mask = agc.nfnet_mask(params)
-    unclipped = [p for p, m in zip(agc.param_paths(params), jax.tree.leaves(mask), strict=True)
-                 if not m]
+    unclipped = [
+        p for p, m in zip(agc.param_paths(params), jax.tree.leaves(mask), strict=True) if not m
+    ]
     assert unclipped == [f"{prefix}/~/linear/w"]
 
 
@@ -370,13 +422,15 @@ def test_pattern_masks_regex_and_glob():
     assert by_regex == by_glob
     assert by_regex["NFNet/~/stem_conv0"] == {"w": True, "gain": True, "bias": False}
     only_se = agc.mask_from_patterns(params, include="*squeeze_excite*", syntax="glob")
-    assert [p for p, m in zip(agc.param_paths(params), jax.tree.leaves(only_se), strict=True)
-            if m] == [p for p in agc.param_paths(params) if "squeeze_excite" in p]
+    assert [
+        p for p, m in zip(agc.param_paths(params), jax.tree.leaves(only_se), strict=True) if m
+    ] == [p for p in agc.param_paths(params) if "squeeze_excite" in p]
     # Generic pytrees: lists, tuples and nested dicts get index / key paths.
     tree = {"params": [{"kernel": 1.0}, ({"kernel": 2.0, "bias": 3.0},)]}
     assert agc.param_paths(tree) == ["params/0/kernel", "params/1/0/bias", "params/1/0/kernel"]
     assert agc.mask_from_patterns(tree, exclude="params/1/0/kernel") == {
-        "params": [{"kernel": True}, ({"kernel": False, "bias": True},)]}
+        "params": [{"kernel": True}, ({"kernel": False, "bias": True},)]
+    }
 
 
 def test_pattern_that_matches_nothing_lists_available_paths():
@@ -394,9 +448,10 @@ def test_pattern_that_matches_nothing_lists_available_paths():
 
 def test_mask_prefix_and_callable():
     rng = np.random.default_rng(3)
-    params = {"body": {"w": rng.standard_normal((4, 4)).astype(np.float32)},
-              "head": {"w": rng.standard_normal((4, 2)).astype(np.float32),
-                       "b": np.zeros(2, np.float32)}}
+    params = {
+        "body": {"w": rng.standard_normal((4, 4)).astype(np.float32)},
+        "head": {"w": rng.standard_normal((4, 2)).astype(np.float32), "b": np.zeros(2, np.float32)},
+    }
     grads = jax.tree.map(lambda x: np.full_like(x, 10.0), params)
     for mask in ({"body": True, "head": False}, lambda p: {"body": True, "head": False}):
         out, _ = clip(grads, params, 0.01, mask=mask)
@@ -419,8 +474,10 @@ def test_none_gradients_pass_through():
 
 def test_clipped_fraction_readable_from_any_chain():
     params = {"a": np.ones((4, 4), np.float32), "b": np.ones((4, 4), np.float32)}
-    grads = {"a": np.full((4, 4), 1.0, np.float32),
-             "b": np.tile(np.array([1.0, 1e-5, 1e-5, 1e-5], np.float32), (4, 1))}
+    grads = {
+        "a": np.full((4, 4), 1.0, np.float32),
+        "b": np.tile(np.array([1.0, 1e-5, 1e-5, 1e-5], np.float32), (4, 1)),
+    }
     # a: 4 of 4 units clipped; b: 1 of 4.
     expected_fraction = 5 / 8
     chains = {
@@ -428,18 +485,22 @@ def test_clipped_fraction_readable_from_any_chain():
         "masked": optax.masked(agc.adaptive_grad_clip(0.01), {"a": True, "b": True}),
         "inject": optax.chain(
             optax.inject_hyperparams(agc.adaptive_grad_clip, static_args=("unit_axis",))(
-                clipping=0.01),
-            optax.scale(-1.0)),
+                clipping=0.01
+            ),
+            optax.scale(-1.0),
+        ),
         "multi": optax.multi_transform(
             {"clip": agc.adaptive_grad_clip(0.01), "sgd": optax.sgd(0.1)},
-            {"a": "clip", "b": "clip"}),
+            {"a": "clip", "b": "clip"},
+        ),
     }
     for name, tx in chains.items():
         state = tx.init(params)
         assert float(agc.clipped_fraction(state)) == 0.0, name
         _, state = jax.jit(tx.update)(grads, state, params)
-        np.testing.assert_allclose(float(agc.clipped_fraction(state)), expected_fraction,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            float(agc.clipped_fraction(state)), expected_fraction, err_msg=name
+        )
     # Inside optax.masked with a partial mask, only the selected leaves are counted.
     partial = optax.masked(agc.adaptive_grad_clip(0.01), {"a": False, "b": True})
     _, state = partial.update(grads, partial.init(params), params)
@@ -452,13 +513,19 @@ def test_clipped_fraction_readable_from_any_chain():
 
 
 def test_per_param_clipped_fraction():
-    params = {"a": np.ones((4, 4), np.float32), "b": np.ones((4, 4), np.float32),
-              "skip": np.ones((4,), np.float32)}
-    grads = {"a": np.full((4, 4), 1.0, np.float32),
-             "b": np.tile(np.array([1.0, 1e-5, 1e-5, 1e-5], np.float32), (4, 1)),
-             "skip": np.full((4,), 1.0, np.float32)}
-    tx = agc.adaptive_grad_clip(0.01, mask={"a": True, "b": True, "skip": False},
-                                track_per_param=True)
+    params = {
+        "a": np.ones((4, 4), np.float32),
+        "b": np.ones((4, 4), np.float32),
+        "skip": np.ones((4,), np.float32),
+    }
+    grads = {
+        "a": np.full((4, 4), 1.0, np.float32),
+        "b": np.tile(np.array([1.0, 1e-5, 1e-5, 1e-5], np.float32), (4, 1)),
+        "skip": np.full((4,), 1.0, np.float32),
+    }
+    tx = agc.adaptive_grad_clip(
+        0.01, mask={"a": True, "b": True, "skip": False}, track_per_param=True
+    )
     _, state = tx.update(grads, tx.init(params), params)
     per_param = agc.per_param_clipped_fraction(state)
     assert set(per_param) == {"a", "b"}
@@ -484,18 +551,27 @@ def test_missing_params_error():
 
 def test_mismatched_structure_errors():
     tx = agc.adaptive_grad_clip(0.01)
-    params = {"conv": {"w": np.ones((2, 2), np.float32)},
-              "linear": {"w": np.ones(2, np.float32)}}
+    params = {"conv": {"w": np.ones((2, 2), np.float32)}, "linear": {"w": np.ones(2, np.float32)}}
     state = tx.init(params)
-    with pytest.raises(ValueError,
-                       match=r"different tree structures: only in params: \['linear/w'\]"):
+    with pytest.raises(
+        ValueError, match=r"different tree structures: only in params: \['linear/w'\]"
+    ):
         tx.update({"conv": {"w": np.ones((2, 2), np.float32)}}, state, params)
     with pytest.raises(ValueError, match=r"only in updates: \['conv/b'\]"):
-        tx.update({"conv": {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)},
-                   "linear": {"w": np.ones(2, np.float32)}}, state, params)
+        tx.update(
+            {
+                "conv": {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)},
+                "linear": {"w": np.ones(2, np.float32)},
+            },
+            state,
+            params,
+        )
     with pytest.raises(ValueError, match=r"update for 'linear/w' has shape \(3,\)"):
-        tx.update({"conv": {"w": np.ones((2, 2), np.float32)},
-                   "linear": {"w": np.ones(3, np.float32)}}, state, params)
+        tx.update(
+            {"conv": {"w": np.ones((2, 2), np.float32)}, "linear": {"w": np.ones(3, np.float32)}},
+            state,
+            params,
+        )
     bad_mask = agc.adaptive_grad_clip(0.01, mask={"conv": True})
     with pytest.raises(ValueError, match="mask tree does not match the params tree"):
         bad_mask.init(params)
@@ -510,5 +586,6 @@ def test_traced_mask_error():
     params = {"w": jnp.ones((2, 2))}
     tx = agc.adaptive_grad_clip(0.01, mask=lambda p: {"w": jnp.sum(p["w"]) > 0})
     with pytest.raises(ValueError, match="mask entry for 'w' is a traced value"):
-        jax.jit(tx.update)(params, agc.AdaptiveGradClipState(
-            jnp.zeros([]), jnp.zeros([], jnp.int32), {}), params)
+        jax.jit(tx.update)(
+            params, agc.AdaptiveGradClipState(jnp.zeros([]), jnp.zeros([], jnp.int32), {}), params
+        )

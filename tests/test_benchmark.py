@@ -2,6 +2,7 @@
 
 Everything runs at a tiny size: a 4-block NFNet at 32 px, batch 2, one timed call.
 """
+
 import json
 import os
 import subprocess
@@ -19,8 +20,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides) -> benchmarking.BenchmarkConfig:
-    fields = dict(batch_size=2, inference_resolution=32, train_resolution=32, iters=1,
-                  repeats=1, warmup=0, model_kwargs=TINY, modes=("inference", "train"))
+    fields = dict(
+        batch_size=2,
+        inference_resolution=32,
+        train_resolution=32,
+        iters=1,
+        repeats=1,
+        warmup=0,
+        model_kwargs=TINY,
+        modes=("inference", "train"),
+    )
     fields.update(overrides)
     return benchmarking.BenchmarkConfig(**fields)
 
@@ -39,15 +48,17 @@ def check_row(row: dict, macs: int) -> None:
         assert row["images_per_s"] == pytest.approx(row["batch_size"] / row["time_s"])
         factor = 1 if row["mode"] == "inference" else 3
         assert row["flops_per_s"] == pytest.approx(
-            2 * factor * macs * row["batch_size"] / row["time_s"])
+            2 * factor * macs * row["batch_size"] / row["time_s"]
+        )
     assert row["mfu"] is None  # No peak is known for a CPU.
 
 
 @pytest.mark.slow
 def test_jax_benchmark_tiny_reports_sane_rows(tmp_path):
     # Same programs as the script test below, which then finds them in the compilation cache.
-    config = tiny_config(modes=("inference", "train", "optimizer"), group_conv="native",
-                         conv_grad="matmul")
+    config = tiny_config(
+        modes=("inference", "train", "optimizer"), group_conv="native", conv_grad="matmul"
+    )
     result = benchmarking.run([config])
     rows = {r["mode"]: r for r in result["rows"]}
     assert set(rows) == {"inference", "train", "optimizer"}
@@ -59,8 +70,7 @@ def test_jax_benchmark_tiny_reports_sane_rows(tmp_path):
     assert rows["inference"]["resolution"] == 32 and rows["train"]["batch_size"] == 2
     assert rows["train"]["xla_memory_bytes"] > 0
     share = result["optimizer_share"][0]
-    assert share["share"] == pytest.approx(
-        rows["optimizer"]["time_s"] / rows["train"]["time_s"])
+    assert share["share"] == pytest.approx(rows["optimizer"]["time_s"] / rows["train"]["time_s"])
     table = benchmarking.format_table(result)
     assert "inference" in table and "train" in table and "optimizer (AGC" in table
     path = tmp_path / "bench.json"
@@ -74,10 +84,20 @@ def test_script_compare_timm_tiny(tmp_path):
     if not available:
         pytest.skip(reason)
     path = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--resolution=32",
-           "--batch_size=2", "--repeats=2", "--warmup=0", "--modes=inference,train",
-           "--group_conv=native", "--conv_grad=matmul", "--compare=timm", f"--json={path}",
-           "--model_kwargs=" + json.dumps(TINY)]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "benchmark.py"),
+        "--resolution=32",
+        "--batch_size=2",
+        "--repeats=2",
+        "--warmup=0",
+        "--modes=inference,train",
+        "--group_conv=native",
+        "--conv_grad=matmul",
+        "--compare=timm",
+        f"--json={path}",
+        "--model_kwargs=" + json.dumps(TINY),
+    ]
     env = dict(os.environ)
     # Reuse the test session's compilation cache (conftest) in the subprocess.
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
@@ -90,8 +110,12 @@ def test_script_compare_timm_tiny(tmp_path):
     result = json.loads(path.read_text())
     macs = tiny_macs()
     frameworks = {(r["framework"], r["mode"]) for r in result["rows"]}
-    assert frameworks == {("jax", "inference"), ("jax", "train"), ("timm", "inference"),
-                          ("timm", "train")}
+    assert frameworks == {
+        ("jax", "inference"),
+        ("jax", "train"),
+        ("timm", "inference"),
+        ("timm", "train"),
+    }
     for row in result["rows"]:
         check_row(row, macs)
         assert len(row["times_s"]) == 2
@@ -117,8 +141,9 @@ def test_remat_puts_each_block_under_checkpoint():
     config = tiny_config(remat=True)
     transformed = hk.transform(benchmarking.make_forward(config))
     images = jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)
-    params = jax.eval_shape(lambda r, x: transformed.init(r, x, True), jax.random.PRNGKey(0),
-                            images)
+    params = jax.eval_shape(
+        lambda r, x: transformed.init(r, x, True), jax.random.PRNGKey(0), images
+    )
     apply = lambda p, x, training: transformed.apply(p, jax.random.PRNGKey(0), x, training)
     for training, expected in ((True, sum(TINY["depths"])), (False, 0)):
         jaxpr = jax.make_jaxpr(lambda p, x, t=training: apply(p, x, t))(params, images)
@@ -162,11 +187,14 @@ def test_timm_has_no_plus_variants():
 def test_build_configs_crosses_strategies_and_remat():
     configs = benchmarking.build_configs(["native", "dense"], [False, True], batch_size=4)
     assert [(c.group_conv, c.remat) for c in configs] == [
-        ("native", False), ("native", True), ("dense", False), ("dense", True)]
+        ("native", False),
+        ("native", True),
+        ("dense", False),
+        ("dense", True),
+    ]
     assert all(c.batch_size == 4 for c in configs)
     configs = benchmarking.build_configs(["split"], conv_grads=["xla", "matmul"])
-    assert [(c.group_conv, c.conv_grad) for c in configs] == [("split", "xla"),
-                                                              ("split", "matmul")]
+    assert [(c.group_conv, c.conv_grad) for c in configs] == [("split", "xla"), ("split", "matmul")]
 
 
 def test_round_robin_rotates_the_order_every_round():
@@ -176,11 +204,13 @@ def test_round_robin_rotates_the_order_every_round():
         def call(carry):
             calls.append(name)
             return np.zeros(())
-        return benchmarking.Prepared("timm", "train", 0, benchmarking.BenchmarkConfig(), call,
-                                     None, 0.0, 1, "cpu")
+
+        return benchmarking.Prepared(
+            "timm", "train", 0, benchmarking.BenchmarkConfig(), call, None, 0.0, 1, "cpu"
+        )
 
     items = [item(n) for n in "abc"]
     benchmarking.time_round_robin(items, iters=1, repeats=4, warmup=1)
     assert calls[:3] == list("abc")  # Warm-up, in order.
-    assert calls[3:] == list("abc" "bca" "cab" "abc")
+    assert calls[3:] == list("abcbcacababc")
     assert all(len(i.times) == 4 for i in items)

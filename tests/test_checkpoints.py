@@ -1,4 +1,5 @@
 """Tests for the safe loader of the released format, the .npz format and tree validation."""
+
 import contextlib
 import os
 import pickle
@@ -20,8 +21,10 @@ def tiny_params():
     # Random values in the exact tree of a tiny NFNet (eval_shape: no compilation).
     rng = np.random.default_rng(0)
     shapes = tree.expected_shapes("F0", num_classes=10, **TINY)
-    return {m: {p: rng.normal(size=s).astype(np.float32) for p, s in g.items()}
-            for m, g in shapes.items()}
+    return {
+        m: {p: rng.normal(size=s).astype(np.float32) for p, s in g.items()}
+        for m, g in shapes.items()
+    }
 
 
 def assert_trees_equal(got, want):
@@ -70,9 +73,11 @@ def test_tiny_model_has_released_layout(tiny_params):
     assert len(tiny_params) == 10 + 7 * 4
 
 
-@pytest.mark.parametrize("dump", [dill.dumps, lambda t: pickle.dumps(t, protocol=2),
-                                  lambda t: pickle.dumps(t, protocol=5)],
-                         ids=["dill", "pickle2", "pickle5"])
+@pytest.mark.parametrize(
+    "dump",
+    [dill.dumps, lambda t: pickle.dumps(t, protocol=2), lambda t: pickle.dumps(t, protocol=5)],
+    ids=["dill", "pickle2", "pickle5"],
+)
 def test_released_roundtrip_exact(tmp_path, tiny_params, dump):
     path = tmp_path / "F_tiny_haiku.npz"
     path.write_bytes(dump(tiny_params))
@@ -127,8 +132,9 @@ class _RunsEval:
         return eval, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-@pytest.mark.parametrize("payload, global_name", [
-    (_RunsSystem, "posix.system"), (_RunsEval, "builtins.eval")])
+@pytest.mark.parametrize(
+    "payload, global_name", [(_RunsSystem, "posix.system"), (_RunsEval, "builtins.eval")]
+)
 def test_refuses_code_and_never_runs_it(tmp_path, payload, global_name, tiny_params):
     marker = tmp_path / "side_effect"
     evil = {"NFNet/~/linear": {"w": payload(marker)}}
@@ -149,8 +155,10 @@ def test_refuses_globals_hidden_inside_allowed_helpers():
     forbidden = pickle.dumps({"m": {"w": np.array([1, "x"], dtype=object)}})
     with pytest.raises(errors.UnsafeCheckpointError, match="object|dtype"):
         safe_pickle.loads(forbidden)
-    sneaky = (b"\x80\x04\x8c\ndill._dill\x8c\r_create_array\x93\x8c\x08builtins\x8c\x04eval"
-              b"\x93\x8c\x041+1)\x85NN\x87R.")
+    sneaky = (
+        b"\x80\x04\x8c\ndill._dill\x8c\r_create_array\x93\x8c\x08builtins\x8c\x04eval"
+        b"\x93\x8c\x041+1)\x85NN\x87R."
+    )
     with pytest.raises(errors.UnsafeCheckpointError, match=r"builtins\.eval"):
         safe_pickle.loads(sneaky)
 
@@ -197,8 +205,9 @@ def test_convert_to_npz_and_load_params_any_format(tmp_path, tiny_params):
 
 def _shapes_as_arrays(shapes):
     # Zero-stride views: full-size trees (F0..F7) without allocating their memory.
-    return {m: {p: np.broadcast_to(np.float32(0), s) for p, s in g.items()}
-            for m, g in shapes.items()}
+    return {
+        m: {p: np.broadcast_to(np.float32(0), s) for p, s in g.items()} for m, g in shapes.items()
+    }
 
 
 @pytest.mark.parametrize("variant", ["F0", "F2", "F1+"])

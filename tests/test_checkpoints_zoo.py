@@ -1,4 +1,5 @@
 """Tests for the model zoo: entries, cache directory, verified downloads (offline)."""
+
 import dataclasses
 import functools
 import hashlib

@@ -2,6 +2,7 @@
 ImageNet variant traced through a full-width train step (jax.eval_shape, no compute) and run
 for one real step at a reduced size on fake data, and a pmapped SAM + bfloat16 step of F6.
 """
+
 import functools
 import os
 import subprocess
@@ -33,11 +34,17 @@ def flat_keys(config, prefix=""):
     return keys
 
 
-@pytest.mark.parametrize("name,arg", [
-    ("quickstart.py", None), ("tiny.py", None), ("imagenet_nfnet.py", "F3"),
-    ("imagenet_nfnet.py", "variant=F6+,batch_size=1024"), ("imagenet_nfresnet.py", "ResNet101"),
-    ("finetune.py", "dataset=folder:/data/flowers,variant=F1,checkpoint=F1"),
-])
+@pytest.mark.parametrize(
+    "name,arg",
+    [
+        ("quickstart.py", None),
+        ("tiny.py", None),
+        ("imagenet_nfnet.py", "F3"),
+        ("imagenet_nfnet.py", "variant=F6+,batch_size=1024"),
+        ("imagenet_nfresnet.py", "ResNet101"),
+        ("finetune.py", "dataset=folder:/data/flowers,variant=F1,checkpoint=F1"),
+    ],
+)
 def test_configs_only_use_fields_declared_in_default(name, arg):
     default_keys = flat_keys(load("default.py"))
     config = load(name, arg)
@@ -73,10 +80,18 @@ def test_config_arg_errors_name_the_problem():
 
 def test_command_line_override_typo_fails():
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "train.py"),
-         f"--config={os.path.join(CONFIGS, 'tiny.py')}", "--workdir=/tmp/unused",
-         "--config.batch_sizee=8"], capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            f"--config={os.path.join(CONFIGS, 'tiny.py')}",
+            "--workdir=/tmp/unused",
+            "--config.batch_sizee=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert proc.returncode != 0
     assert "batch_sizee" in proc.stderr
 
@@ -87,22 +102,34 @@ def abstract_train_step(config, image_size=32, per_device_batch=2):
     model = train.build_model(config, 1000)
     optimizer = train.make_optimizer(config, plan)
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    params = jax.eval_shape(functools.partial(model.init, is_training=True),
-                            jax.random.key(0), images)
+    params = jax.eval_shape(
+        functools.partial(model.init, is_training=True), jax.random.key(0), images
+    )
     state = train.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, ema_params=params,
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        ema_params=params,
         opt_state=jax.eval_shape(optimizer.init, params),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-    batch = {"images": jax.ShapeDtypeStruct((1, per_device_batch, image_size, image_size, 3),
-                                            jnp.float32),
-             "labels": jax.ShapeDtypeStruct((1, per_device_batch, 1000), jnp.float32)}
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    batch = {
+        "images": jax.ShapeDtypeStruct(
+            (1, per_device_batch, image_size, image_size, 3), jnp.float32
+        ),
+        "labels": jax.ShapeDtypeStruct((1, per_device_batch, 1000), jnp.float32),
+    }
     step = functools.partial(
-        train.train_step, model=model, optimizer=optimizer, schedule=train.make_schedule(plan),
-        policy=train.precision_policy(config), label_smoothing=config.label_smoothing,
-        max_ema_decay=config.ema_decay, use_sam=config.sam.enabled)
+        train.train_step,
+        model=model,
+        optimizer=optimizer,
+        schedule=train.make_schedule(plan),
+        policy=train.precision_policy(config),
+        label_smoothing=config.label_smoothing,
+        max_ema_decay=config.ema_decay,
+        use_sam=config.sam.enabled,
+    )
     stepped = jax.vmap(step, in_axes=(None, 0, 0), axis_name=parallel.AXIS_NAME)
-    return params, jax.eval_shape(stepped, state, batch,
-                                  jax.ShapeDtypeStruct((1,), jnp.int32))
+    return params, jax.eval_shape(stepped, state, batch, jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
 @pytest.mark.parametrize("variant", list(nfnet.VARIANTS))
@@ -114,7 +141,8 @@ def test_every_nfnet_variant_traces_a_train_step(variant):
     assert params["NFNet/~/final_conv"]["w"].shape[-1] == 2 * widths[-1]
     # vmap adds the (size 1) device axis; master weights stay float32 under bfloat16 compute.
     assert jax.tree.map(lambda x: (x.shape[1:], x.dtype), new_state.params) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), params)
+        lambda x: (x.shape, x.dtype), params
+    )
     assert new_state.params["NFNet/~/linear"]["w"].dtype == jnp.float32
     assert {"loss", "grad_norm", "update_norm", "agc_clipped_fraction"} <= set(metrics)
     assert config.sam.enabled == (variant == "F6")
@@ -144,14 +172,24 @@ def test_reduced_f6_runs_one_sam_bfloat16_step():
     model = train.build_model(config, 10)
     optimizer = train.make_optimizer(config, plan)
     state = parallel.replicate(train.create_train_state(model, optimizer, 32, seed=0))
-    step = parallel.pmap(functools.partial(
-        train.train_step, model=model, optimizer=optimizer, schedule=train.make_schedule(plan),
-        policy=train.precision_policy(config), label_smoothing=0.1, max_ema_decay=0.99999,
-        use_sam=True))
+    step = parallel.pmap(
+        functools.partial(
+            train.train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=train.make_schedule(plan),
+            policy=train.precision_policy(config),
+            label_smoothing=0.1,
+            max_ema_decay=0.99999,
+            use_sam=True,
+        )
+    )
     rng = np.random.default_rng(0)
     n = jax.local_device_count()
-    batch = {"images": rng.normal(size=(n, 1, 32, 32, 3)).astype(np.float32),
-             "labels": np.eye(10, dtype=np.float32)[rng.integers(0, 10, (n, 1))]}
+    batch = {
+        "images": rng.normal(size=(n, 1, 32, 32, 3)).astype(np.float32),
+        "labels": np.eye(10, dtype=np.float32)[rng.integers(0, 10, (n, 1))],
+    }
     new_state, metrics = step(state, parallel.shard(batch), np.zeros((n,), np.int32))
     assert np.all(np.isfinite(jax.device_get(metrics["loss"])))
     assert parallel.replicas_identical(new_state)
@@ -160,21 +198,25 @@ def test_reduced_f6_runs_one_sam_bfloat16_step():
 
 def test_finetune_takes_pretrained_weights_and_new_head(tmp_path):
     from nfnets_jax.checkpoints import released
+
     config = load("finetune.py", "dataset=folder:/x,variant=F0")
     config.model.depths = (1, 1, 1, 1)
     model_1000 = train.build_model(config, 1000)
     model_10 = train.build_model(config, 10)
     images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    init = lambda m: jax.eval_shape(functools.partial(m.init, is_training=True),
-                                    jax.random.key(0), images)
+    init = lambda m: jax.eval_shape(
+        functools.partial(m.init, is_training=True), jax.random.key(0), images
+    )
     rng = np.random.default_rng(0)
-    pretrained = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
-                              init(model_1000))
+    pretrained = jax.tree.map(
+        lambda s: rng.normal(size=s.shape).astype(np.float32), init(model_1000)
+    )
     fresh = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), init(model_10))
     path = released.save_npz(pretrained, str(tmp_path / "pretrained.npz"))
     params = train.load_pretrained(path, fresh)
-    np.testing.assert_array_equal(params["NFNet/~/stem_conv0"]["w"],
-                                  pretrained["NFNet/~/stem_conv0"]["w"])
+    np.testing.assert_array_equal(
+        params["NFNet/~/stem_conv0"]["w"], pretrained["NFNet/~/stem_conv0"]["w"]
+    )
     assert params["NFNet/~/linear"]["w"].shape[-1] == 10
     assert not params["NFNet/~/linear"]["w"].any()  # The fresh head, not the old one.
     del pretrained["NFNet/~/final_conv"]
@@ -190,22 +232,36 @@ def run_reduced_step(config, num_classes=10, image_size=32, batch=2):
     model = train.build_model(config, num_classes)
     optimizer = train.make_optimizer(config, plan)
     state = train.create_train_state(model, optimizer, image_size, seed=0)
-    step = jax.jit(jax.vmap(functools.partial(
-        train.train_step, model=model, optimizer=optimizer, schedule=train.make_schedule(plan),
-        policy=train.precision_policy(config), label_smoothing=config.label_smoothing,
-        max_ema_decay=config.ema_decay, use_sam=config.sam.enabled),
-        in_axes=(None, 0, 0), axis_name=parallel.AXIS_NAME))
+    step = jax.jit(
+        jax.vmap(
+            functools.partial(
+                train.train_step,
+                model=model,
+                optimizer=optimizer,
+                schedule=train.make_schedule(plan),
+                policy=train.precision_policy(config),
+                label_smoothing=config.label_smoothing,
+                max_ema_decay=config.ema_decay,
+                use_sam=config.sam.enabled,
+            ),
+            in_axes=(None, 0, 0),
+            axis_name=parallel.AXIS_NAME,
+        )
+    )
     rng = np.random.default_rng(0)
-    fake = {"images": rng.normal(size=(1, batch, image_size, image_size, 3)).astype(np.float32),
-            "labels": np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes,
-                                                                         (1, batch))]}
+    fake = {
+        "images": rng.normal(size=(1, batch, image_size, image_size, 3)).astype(np.float32),
+        "labels": np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, (1, batch))],
+    }
     new_state, metrics = step(state, fake, np.zeros((1,), np.int32))
     return state, new_state, metrics
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,arg", [("imagenet_nfnet.py", v) for v in nfnet.VARIANTS]
-                         + [("imagenet_nfresnet.py", "ResNet50")])
+@pytest.mark.parametrize(
+    "name,arg",
+    [("imagenet_nfnet.py", v) for v in nfnet.VARIANTS] + [("imagenet_nfresnet.py", "ResNet50")],
+)
 def test_every_imagenet_config_runs_one_reduced_step(name, arg):
     config = load(name, arg)
     config.model.depths = (1, 1, 1, 1)

@@ -1,4 +1,5 @@
 """The matrix-product backward passes (`conv_grad`) against autodiff of the plain ops."""
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -12,15 +13,28 @@ def _max_rel(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
 
 
-@pytest.mark.parametrize("size,kernel,stride", [
-    (9, 3, 1), (9, 3, 2), (8, 3, 2), (8, 1, 1), (8, 1, 2), (11, 7, 2), (6, 2, 2), (5, 3, 1),
-    (7, 2, 1), (6, 7, 1)])
+@pytest.mark.parametrize(
+    "size,kernel,stride",
+    [
+        (9, 3, 1),
+        (9, 3, 2),
+        (8, 3, 2),
+        (8, 1, 1),
+        (8, 1, 2),
+        (11, 7, 2),
+        (6, 2, 2),
+        (5, 3, 1),
+        (7, 2, 1),
+        (6, 7, 1),
+    ],
+)
 def test_conv2d_same_value_and_gradients_match_xla(size, kernel, stride):
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(size * kernel + stride), 3)
     x = jax.random.normal(kx, (2, size, size + 1, 5))
     w = jax.random.normal(kw, (kernel, kernel, 5, 7))
     ref = lambda a, b: jax.lax.conv_general_dilated(
-        a, b, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        a, b, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     y = conv_grad.conv2d_same(x, w, stride)
     np.testing.assert_array_equal(y, ref(x, w))  # Same op, same padding: same bits.
     cot = jax.random.normal(kg, y.shape)
@@ -44,10 +58,11 @@ def test_bfloat16_gradients_compile_and_keep_dtypes(kernel):
     grads = jax.jit(jax.grad(loss, (0, 1, 2)))(x, w, gain)
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
     xla_conv = lambda a, b, s: jax.lax.conv_general_dilated(
-        a, b, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ref = jax.grad(lambda a, b, c: loss(a, b, c, xla_conv, layers.standardize_weight),
-                   (0, 1, 2))(x.astype(jnp.float32), w.astype(jnp.float32),
-                              gain.astype(jnp.float32))
+        a, b, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    ref = jax.grad(lambda a, b, c: loss(a, b, c, xla_conv, layers.standardize_weight), (0, 1, 2))(
+        x.astype(jnp.float32), w.astype(jnp.float32), gain.astype(jnp.float32)
+    )
     for expected, got in zip(ref, grads):
         assert _max_rel(expected, got.astype(jnp.float32)) < 5e-2
 
@@ -96,9 +111,17 @@ def test_standardize_weight_gradient_where_eps_clamps():
 
 def _tiny_nfnet_grads(impl, group_conv):
     def forward(x):
-        net = nfnet.NFNet(num_classes=5, variant="F0", widths=[16, 32, 32, 32],
-                          depths=[1, 1, 1, 1], group_width=8, group_conv=group_conv,
-                          conv_grad=impl, drop_rate=0.0, stochdepth_rate=0.0)
+        net = nfnet.NFNet(
+            num_classes=5,
+            variant="F0",
+            widths=[16, 32, 32, 32],
+            depths=[1, 1, 1, 1],
+            group_width=8,
+            group_conv=group_conv,
+            conv_grad=impl,
+            drop_rate=0.0,
+            stochdepth_rate=0.0,
+        )
         return net(x, is_training=True)["logits"]
 
     fwd = hk.transform(forward)
@@ -121,16 +144,28 @@ def test_nfnet_gradients_identical_across_conv_grad_impls(group_conv):
     for (path, expected), got in zip(flat_xla, flat_mm):
         scale = float(jnp.max(jnp.abs(expected)))
         nonzero += scale > 0
-        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5 * max(scale, 1e-6),
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            got,
+            expected,
+            rtol=2e-4,
+            atol=2e-5 * max(scale, 1e-6),
+            err_msg=jax.tree_util.keystr(path),
+        )
     assert nonzero > 0.9 * len(flat_xla)
 
 
 def test_nfresnet_accepts_conv_grad_and_matches():
     def grads(impl):
-        fwd = hk.transform(lambda x: nfresnet.NFResNet(
-            num_classes=3, variant="ResNet26", width=1, depths=[1, 1, 1, 1], conv_grad=impl,
-            stochdepth_rate=0.0)(x, is_training=True)["logits"])
+        fwd = hk.transform(
+            lambda x: nfresnet.NFResNet(
+                num_classes=3,
+                variant="ResNet26",
+                width=1,
+                depths=[1, 1, 1, 1],
+                conv_grad=impl,
+                stochdepth_rate=0.0,
+            )(x, is_training=True)["logits"]
+        )
         x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
         params = fwd.init(jax.random.PRNGKey(1), x)
         return jax.grad(lambda p: jnp.sum(fwd.apply(p, None, x) ** 2))(params)
@@ -150,7 +185,8 @@ def test_conv_grad_resolution_and_errors():
         layers.resolve_conv_grad("fast")
     with pytest.raises(ValueError, match="Unknown conv_grad implementation 'cudnn'"):
         hk.transform(lambda x: nfnet.NFNet(conv_grad="cudnn")(x, False)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+            jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))
+        )
     with pytest.raises(ValueError, match="eps_mode"):
         conv_grad.standardize_weight(jnp.ones((1, 1, 2, 2)), jnp.ones(2), 1e-4, "sum")
 
@@ -158,8 +194,9 @@ def test_conv_grad_resolution_and_errors():
 def test_forward_mode_autodiff_needs_xla_impl():
     # 1x1 convolutions (and weight standardisation) are custom_vjps under "matmul".
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 6, 2))
-    conv = lambda impl: hk.without_apply_rng(hk.transform(
-        lambda a: layers.WSConv2D(4, 1, conv_grad=impl, name="conv")(a)))
+    conv = lambda impl: hk.without_apply_rng(
+        hk.transform(lambda a: layers.WSConv2D(4, 1, conv_grad=impl, name="conv")(a))
+    )
     params = conv("xla").init(jax.random.PRNGKey(0), x)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda a: conv("matmul").apply(params, a), (x,), (x,))

@@ -1,4 +1,5 @@
 """Tests for evaluation: exact counting under pmap, checkpoints of every kind, the script."""
+
 import importlib.util
 import os
 
@@ -24,8 +25,9 @@ def tiny_params():
     for group in params.values():
         if "skip_gain" in group:
             group["skip_gain"] = np.float32(rng.uniform(0.5, 1.0)).reshape(())
-    params["NFNet/~/linear"]["w"] = rng.normal(size=params["NFNet/~/linear"]["w"].shape
-                                               ).astype(np.float32)
+    params["NFNet/~/linear"]["w"] = rng.normal(size=params["NFNet/~/linear"]["w"].shape).astype(
+        np.float32
+    )
     return params
 
 
@@ -39,15 +41,19 @@ def _batches(images, labels, num_devices, per_device):
     step = num_devices * per_device
     out = []
     for start in range(0, len(labels), step):
-        x, y = images[start:start + step], labels[start:start + step]
+        x, y = images[start : start + step], labels[start : start + step]
         n = len(y)
         pad = step - n
         x = np.concatenate([x, np.full((pad, *x.shape[1:]), 9.0, np.float32)])
         y = np.concatenate([y, np.full(pad, 1, np.int32)])  # Junk labels: must not count.
         mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-        out.append({"images": x.reshape(num_devices, per_device, *x.shape[1:]),
-                    "labels": y.reshape(num_devices, per_device),
-                    "mask": mask.reshape(num_devices, per_device)})
+        out.append(
+            {
+                "images": x.reshape(num_devices, per_device, *x.shape[1:]),
+                "labels": y.reshape(num_devices, per_device),
+                "mask": mask.reshape(num_devices, per_device),
+            }
+        )
     return out
 
 
@@ -69,13 +75,17 @@ def test_evaluate_counts_every_example_once(tiny_params, apply_fn):
 
 
 def test_evaluate_rejects_bad_batches(tiny_params, apply_fn):
-    bad = {"images": np.zeros((8, 2, 32, 32, 3)), "labels": np.zeros((8, 3), np.int32),
-           "mask": np.ones((8, 2))}
+    bad = {
+        "images": np.zeros((8, 2, 32, 32, 3)),
+        "labels": np.zeros((8, 3), np.int32),
+        "mask": np.ones((8, 2)),
+    }
     with pytest.raises(ValueError, match="labels"):
         evaluation.evaluate(apply_fn, tiny_params, [bad])
     with pytest.raises(KeyError, match="mask"):
-        evaluation.evaluate(apply_fn, tiny_params, [{"images": bad["images"],
-                                                     "labels": bad["mask"]}])
+        evaluation.evaluate(
+            apply_fn, tiny_params, [{"images": bad["images"], "labels": bad["mask"]}]
+        )
     with pytest.raises(ValueError, match="No examples"):
         evaluation.evaluate(apply_fn, tiny_params, [])
 
@@ -98,12 +108,14 @@ def test_evaluate_checkpoint_files_end_to_end(tmp_path, tiny_params, apply_fn):
     pickled = tmp_path / "tiny_haiku.npz"
     pickled.write_bytes(dill.dumps(tiny_params))
     dataset = f"folder:{tmp_path / 'data'}"
-    reports = [evaluation.evaluate_checkpoint(path, dataset, resolution=32,
-                                              global_batch_size=16)
-               for path in (npz, str(pickled))]
+    reports = [
+        evaluation.evaluate_checkpoint(path, dataset, resolution=32, global_batch_size=16)
+        for path in (npz, str(pickled))
+    ]
     # Reference: the same preprocessing, one device, no padding.
     logits = evaluation.predict_logits(
-        apply_fn, tiny_params, evaluation.preprocess_files(files, 32))
+        apply_fn, tiny_params, evaluation.preprocess_files(files, 32)
+    )
     labels = np.array([int(os.path.basename(os.path.dirname(f))[5:]) for f in files])
     want_top1 = np.mean(np.argmax(logits, -1) == labels)
     for report in reports:
@@ -118,8 +130,13 @@ def test_evaluate_checkpoint_files_end_to_end(tmp_path, tiny_params, apply_fn):
 
 def test_load_checkpoint_from_workdir_prefers_ema(tmp_path, tiny_params):
     ema = {m: {p: v + 1 for p, v in g.items()} for m, g in tiny_params.items()}
-    state = train.TrainState(step=np.int32(5), params=tiny_params, ema_params=ema,
-                             opt_state=(), rng=np.zeros(2, np.uint32))
+    state = train.TrainState(
+        step=np.int32(5),
+        params=tiny_params,
+        ema_params=ema,
+        opt_state=(),
+        rng=np.zeros(2, np.uint32),
+    )
     checkpointer = checkpointing.Checkpointer(str(tmp_path / "run"))
     checkpointer.save(5, state)
     checkpointer.close()
@@ -127,8 +144,7 @@ def test_load_checkpoint_from_workdir_prefers_ema(tmp_path, tiny_params):
     np.testing.assert_array_equal(params["NFNet/~/linear"]["w"], ema["NFNet/~/linear"]["w"])
     assert kwargs["depths"] == (1, 1, 1, 1) and kwargs["num_classes"] == NUM_CLASSES
     raw, _ = evaluation.load_checkpoint(str(tmp_path / "run"), ema=False)
-    np.testing.assert_array_equal(raw["NFNet/~/linear"]["w"],
-                                  tiny_params["NFNet/~/linear"]["w"])
+    np.testing.assert_array_equal(raw["NFNet/~/linear"]["w"], tiny_params["NFNet/~/linear"]["w"])
 
 
 def test_load_checkpoint_names_variant_mismatch(tmp_path, tiny_params):
@@ -162,9 +178,16 @@ def run_script(name, argv):
 def test_evaluate_script(tmp_path, tiny_params, capsys):
     _write_folder_dataset(tmp_path / "data")
     npz = released.save_npz(tiny_params, str(tmp_path / "tiny.npz"))
-    run_script("evaluate", ["evaluate.py", f"--checkpoint={npz}",
-                            f"--dataset=folder:{tmp_path / 'data'}", "--resolution=32",
-                            "--batch_size=16"])
+    run_script(
+        "evaluate",
+        [
+            "evaluate.py",
+            f"--checkpoint={npz}",
+            f"--dataset=folder:{tmp_path / 'data'}",
+            "--resolution=32",
+            "--batch_size=16",
+        ],
+    )
     out = capsys.readouterr().out
     assert "paper top-1" in out and npz in out
     row = out.strip().splitlines()[-1].split()

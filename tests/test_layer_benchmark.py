@@ -1,4 +1,5 @@
 """The per-layer convolution benchmark (scripts/benchmark_layers.py) at a tiny size."""
+
 import pathlib
 import subprocess
 import sys
@@ -15,21 +16,26 @@ _TINY = dict(widths=[16, 32, 32, 32], depths=[1, 2, 1, 1], group_width=8)
 
 
 def _config(**kwargs):
-    return benchmarking.BenchmarkConfig(batch_size=2, train_resolution=32,
-                                        model_kwargs=_TINY, **kwargs)
+    return benchmarking.BenchmarkConfig(
+        batch_size=2, train_resolution=32, model_kwargs=_TINY, **kwargs
+    )
 
 
 def test_conv_layers_cover_every_weight_standardised_conv():
     config = _config()
     found = layer_benchmark.conv_layers(config)
     forward = benchmarking.make_forward(config)
-    params = jax.eval_shape(lambda x: hk.transform(forward).init(jax.random.PRNGKey(0), x,
-                                                                 True),
-                            jnp.zeros((2, 32, 32, 3)))
+    params = jax.eval_shape(
+        lambda x: hk.transform(forward).init(jax.random.PRNGKey(0), x, True),
+        jnp.zeros((2, 32, 32, 3)),
+    )
     kernels = [v["w"].shape for v in params.values() if "w" in v and len(v["w"].shape) == 4]
     assert sum(found.values()) == len(kernels)
-    assert sorted((k.kernel, k.kernel, k.in_ch // k.groups, k.out_ch)
-                  for k, n in found.items() for _ in range(n)) == sorted(kernels)
+    assert sorted(
+        (k.kernel, k.kernel, k.in_ch // k.groups, k.out_ch)
+        for k, n in found.items()
+        for _ in range(n)
+    ) == sorted(kernels)
 
 
 def test_conv_layers_of_f0():
@@ -40,27 +46,32 @@ def test_conv_layers_of_f0():
     assert found[layer_benchmark.ConvLayer(16, 768, 768, 6, 3, 2)] == 1
     assert found[layer_benchmark.ConvLayer(128, 3, 16, 1, 3, 2, takes_images=True)] == 1
     assert [k for k in found if k.takes_images] == [
-        layer_benchmark.ConvLayer(128, 3, 16, 1, 3, 2, takes_images=True)]
+        layer_benchmark.ConvLayer(128, 3, 16, 1, 3, 2, takes_images=True)
+    ]
 
 
-@pytest.mark.parametrize("layer", [
-    layer_benchmark.ConvLayer(8, 8, 6, 2, 3, 2),    # Even size, stride 2: asymmetric SAME.
-    layer_benchmark.ConvLayer(7, 4, 6, 1, 3, 1),
-    layer_benchmark.ConvLayer(6, 4, 8, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        layer_benchmark.ConvLayer(8, 8, 6, 2, 3, 2),  # Even size, stride 2: asymmetric SAME.
+        layer_benchmark.ConvLayer(7, 4, 6, 1, 3, 1),
+        layer_benchmark.ConvLayer(6, 4, 8, 1, 1, 1),
+    ],
+)
 def test_jax_and_torch_calls_compute_the_same_gradients(layer):
     pytest.importorskip("torch")
     x, w, r = layer_benchmark._arrays(layer, 2, 0)
     dx, dw = layer_benchmark.jax_call(layer, x, w, r, "split", "matmul", True)()
     torch_dw = layer_benchmark.torch_call(layer, x, w, r, True)().numpy()
-    np.testing.assert_allclose(np.asarray(dw).transpose(3, 2, 0, 1), torch_dw, rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw).transpose(3, 2, 0, 1), torch_dw, rtol=1e-4, atol=1e-4)
     assert dx.shape == x.shape
 
 
 def test_run_totals_and_table():
     pytest.importorskip("torch")
-    result = layer_benchmark.run(_config(), ("xla", "matmul"), compare_torch=True,
-                                 repeats=2, warmup=0)
+    result = layer_benchmark.run(
+        _config(), ("xla", "matmul"), compare_torch=True, repeats=2, warmup=0
+    )
     names = ["jax xla", "jax matmul", "torch"]
     assert result["implementations"] == names
     for row in result["layers"]:
@@ -78,6 +89,7 @@ def test_run_totals_and_table():
 
 def test_script_rejects_bad_flags():
     script = pathlib.Path(__file__).parents[1] / "scripts" / "benchmark_layers.py"
-    out = subprocess.run([sys.executable, str(script), "--conv_grad=fast"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(script), "--conv_grad=fast"], capture_output=True, text=True
+    )
     assert out.returncode != 0 and "Unknown conv_grad implementation 'fast'" in out.stderr

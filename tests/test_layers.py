@@ -1,4 +1,5 @@
 """Building blocks: weight standardisation, grouped-conv strategies, SE, stochastic depth."""
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,9 @@ def test_weight_standardisation_zero_mean_and_unit_fan_in_variance():
     np.testing.assert_allclose(w_hat.mean(axis=(0, 1, 2)), 0.0, atol=1e-6)
     np.testing.assert_allclose(w_hat.var(axis=(0, 1, 2)), 1.0 / fan_in, rtol=1e-4)
     gain = jnp.arange(1.0, 9.0)
-    np.testing.assert_allclose(layers.standardize_weight(w, gain), w_hat * gain, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        layers.standardize_weight(w, gain), w_hat * gain, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_weight_standardisation_epsilon_is_a_max_not_an_addition():
@@ -32,31 +34,41 @@ def test_weight_standardisation_epsilon_is_a_max_not_an_addition():
 
 
 def _conv_fn(strategy, groups, kernel, stride):
-    return hk.transform(lambda x: layers.WSConv2D(12, kernel, stride=stride,
-                                                   feature_group_count=groups,
-                                                   group_conv=strategy)(x))
+    return hk.transform(
+        lambda x: layers.WSConv2D(
+            12, kernel, stride=stride, feature_group_count=groups, group_conv=strategy
+        )(x)
+    )
 
 
-@pytest.mark.parametrize("groups, kernel, stride", [(1, 3, 2), (3, 3, 2), (3, 3, 1),
-                                                    (1, 1, 1), (1, 1, 2)])
+@pytest.mark.parametrize(
+    "groups, kernel, stride", [(1, 3, 2), (3, 3, 2), (3, 3, 1), (1, 1, 1), (1, 1, 2)]
+)
 def test_group_conv_strategies_agree_in_outputs_and_gradients(groups, kernel, stride):
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 6))
     params = _conv_fn("native", groups, kernel, stride).init(jax.random.PRNGKey(2), x)
-    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(3), p.shape),
-                          params)  # non-trivial gain and bias
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(3), p.shape), params
+    )  # non-trivial gain and bias
     results = {}
     for strategy in layers.GROUP_CONV_STRATEGIES:
         fn = _conv_fn(strategy, groups, kernel, stride)
-        assert jax.tree.map(jnp.shape, fn.init(jax.random.PRNGKey(2), x)) == \
-            jax.tree.map(jnp.shape, params)
+        assert jax.tree.map(jnp.shape, fn.init(jax.random.PRNGKey(2), x)) == jax.tree.map(
+            jnp.shape, params
+        )
         loss = lambda p, x, f=fn: jnp.sum(jnp.sin(f.apply(p, None, x)))
         results[strategy] = (fn.apply(params, None, x), jax.grad(loss, (0, 1))(params, x))
     ref_out, ref_grads = results["native"]
     assert ref_out.shape == (2, 5 if stride == 2 else 9, 5 if stride == 2 else 9, 12)
     for strategy, (out, grads) in results.items():
         np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5, err_msg=strategy)
-        jax.tree.map(lambda a, b, s=strategy: np.testing.assert_allclose(
-            a, b, rtol=1e-4, atol=1e-5, err_msg=s), grads, ref_grads)
+        jax.tree.map(
+            lambda a, b, s=strategy: np.testing.assert_allclose(
+                a, b, rtol=1e-4, atol=1e-5, err_msg=s
+            ),
+            grads,
+            ref_grads,
+        )
 
 
 def test_unknown_group_conv_strategy_and_bad_group_count():
@@ -64,10 +76,12 @@ def test_unknown_group_conv_strategy_and_bad_group_count():
         layers.resolve_group_conv("fast")
     with pytest.raises(ValueError, match="not divisible by feature_group_count=3"):
         hk.transform(lambda x: layers.WSConv2D(8, 3, feature_group_count=3)(x)).init(
-            jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 3)))
+            jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 3))
+        )
     with pytest.raises(ValueError, match="4 input channels are not divisible by 3 groups"):
         hk.transform(lambda x: layers.WSConv2D(9, 3, feature_group_count=3)(x)).init(
-            jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 4)))
+            jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 4))
+        )
     assert layers.resolve_group_conv("auto") == layers.default_group_conv()
     with layers.forced_group_conv("dense"):
         assert layers.resolve_group_conv("split") == "dense"
@@ -78,7 +92,10 @@ def test_wsconv_parameters_and_same_padding():
     x = jnp.ones((1, 5, 5, 2))
     params = fn.init(jax.random.PRNGKey(0), x)
     assert {k: v.shape for k, v in params["c"].items()} == {
-        "w": (3, 3, 2, 4), "gain": (4,), "bias": (4,)}
+        "w": (3, 3, 2, 4),
+        "gain": (4,),
+        "bias": (4,),
+    }
     np.testing.assert_array_equal(params["c"]["gain"], 1.0)
     np.testing.assert_array_equal(params["c"]["bias"], 0.0)
     assert fn.apply(params, None, x).shape == (1, 3, 3, 4)  # ceil(5 / 2)
@@ -106,7 +123,8 @@ def test_stochastic_depth_drops_whole_examples_at_the_rate_without_rescaling():
     assert abs(dropped.sum() - 1200) < 5 * 29
     np.testing.assert_array_equal(layers.stochastic_depth(x, 0.3, is_training=False), x)
     np.testing.assert_array_equal(
-        layers.stochastic_depth(x, 0.0, is_training=True, rng=jax.random.PRNGKey(0)), x)
+        layers.stochastic_depth(x, 0.0, is_training=True, rng=jax.random.PRNGKey(0)), x
+    )
 
 
 def test_avg_pool_same_divides_by_valid_count():

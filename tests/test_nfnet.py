@@ -1,4 +1,5 @@
 """NFNet family: exact parameter/module/MAC counts, the released tree, forward behaviour."""
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -9,16 +10,35 @@ from nfnets_jax import counting, nfnet
 
 # REFERENCE §1: exact parameter counts (1000 classes) and module counts.
 PARAMS = {
-    "F0": 71_489_284, "F1": 132_634_256, "F2": 193_779_228, "F3": 254_924_200,
-    "F4": 316_069_172, "F5": 377_214_144, "F6": 438_359_116, "F7": 499_504_088,
-    "F0+": 118_824_516, "F1+": 220_357_008, "F2+": 321_889_500, "F3+": 423_421_992,
-    "F4+": 524_954_484, "F5+": 626_486_976, "F6+": 728_019_468, "F7+": 829_551_960,
+    "F0": 71_489_284,
+    "F1": 132_634_256,
+    "F2": 193_779_228,
+    "F3": 254_924_200,
+    "F4": 316_069_172,
+    "F5": 377_214_144,
+    "F6": 438_359_116,
+    "F7": 499_504_088,
+    "F0+": 118_824_516,
+    "F1+": 220_357_008,
+    "F2+": 321_889_500,
+    "F3+": 423_421_992,
+    "F4+": 524_954_484,
+    "F5+": 626_486_976,
+    "F6+": 728_019_468,
+    "F7+": 829_551_960,
 }
-MODULES = {"F0": 94, "F1": 178, "F2": 262, "F3": 346, "F4": 430, "F5": 514, "F6": 598,
-           "F7": 682}
+MODULES = {"F0": 94, "F1": 178, "F2": 262, "F3": 346, "F4": 430, "F5": 514, "F6": 598, "F7": 682}
 # REFERENCE §1: billions of MACs at each variant's test resolution.
-GMACS = {"F0": 12.38, "F1": 35.54, "F2": 62.59, "F3": 114.76, "F4": 215.24, "F5": 289.76,
-         "F6": 377.28, "F7": 478.78}
+GMACS = {
+    "F0": 12.38,
+    "F1": 35.54,
+    "F2": 62.59,
+    "F3": 114.76,
+    "F4": 215.24,
+    "F5": 289.76,
+    "F6": 377.28,
+    "F7": 478.78,
+}
 
 
 def _shapes(variant, res=32, **kwargs):
@@ -43,8 +63,9 @@ def test_f0_parameter_tree_is_the_released_one():
     for i in range(12):  # depths 1, 2, 6, 3: stages start at blocks 0, 1, 3, 9
         block = "NFNet/~/nf_block" + ("" if i == 0 else f"_{i}")
         expected[block] = {"skip_gain"}
-        convs = ["conv0", "conv1", "conv1b", "conv2"] + (["conv_shortcut"] if i in (0, 1, 3, 9)
-                                                        else [])
+        convs = ["conv0", "conv1", "conv1b", "conv2"] + (
+            ["conv_shortcut"] if i in (0, 1, 3, 9) else []
+        )
         for conv in convs:
             expected[f"{block}/~/{conv}"] = {"w", "gain", "bias"}
         for linear in ("linear", "linear_1"):
@@ -71,8 +92,7 @@ def test_parameters_do_not_depend_on_group_conv_strategy():
 @pytest.mark.parametrize("variant", list(GMACS))
 def test_mac_counts_match_the_paper(variant):
     res = nfnet.VARIANTS[variant]["test_imsize"]
-    counts = counting.model_counts(lambda x: nfnet.NFNet(1000, variant)(x, is_training=False),
-                                   res)
+    counts = counting.model_counts(lambda x: nfnet.NFNet(1000, variant)(x, is_training=False), res)
     assert round(counts["macs"] / 1e9, 2) == GMACS[variant]
 
 
@@ -110,7 +130,11 @@ def test_forward_outputs_and_features(tiny):
     assert out["pool"].shape == (4, 192)  # final conv = 2 x last width
     assert out["stem"].shape == (4, 8, 8, 16)
     assert [out[f"stage_{i}"].shape[1:] for i in range(4)] == [
-        (8, 8, 32), (4, 4, 64), (2, 2, 96), (1, 1, 96)]
+        (8, 8, 32),
+        (4, 4, 64),
+        (2, 2, 96),
+        (1, 1, 96),
+    ]
     assert np.all(np.isfinite(out["logits"]))
 
 
@@ -130,8 +154,10 @@ def test_zero_skip_gain_makes_non_transition_blocks_the_identity(tiny):
 
 def test_training_mode_uses_dropout_and_stochastic_depth(tiny):
     fn, params, x = tiny
-    params = {m: ({"skip_gain": jnp.asarray(1.0)} if set(p) == {"skip_gain"} else p)
-              for m, p in params.items()}
+    params = {
+        m: ({"skip_gain": jnp.asarray(1.0)} if set(p) == {"skip_gain"} else p)
+        for m, p in params.items()
+    }
     a = fn.apply(params, jax.random.PRNGKey(0), x, True)["logits"]
     b = fn.apply(params, jax.random.PRNGKey(1), x, True)["logits"]
     c = fn.apply(params, None, x, False)["logits"]
@@ -144,24 +170,33 @@ def test_training_mode_uses_dropout_and_stochastic_depth(tiny):
 def test_timm_numerics_differ_slightly(tiny):
     fn, params, x = tiny
     timm = hk.transform(lambda x: nfnet.NFNet(10, "F0", numerics="timm", **TINY)(x, False))
-    params = {m: ({"skip_gain": jnp.asarray(1.0)} if set(p) == {"skip_gain"} else p)
-              for m, p in params.items()}
+    params = {
+        m: ({"skip_gain": jnp.asarray(1.0)} if set(p) == {"skip_gain"} else p)
+        for m, p in params.items()
+    }
     ref = fn.apply(params, None, x, False)["pool"]
     other = timm.apply(params, None, x)["pool"]
     assert not np.allclose(ref, other, rtol=1e-6, atol=0)
     np.testing.assert_allclose(ref, other, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("kwargs, images, error, match", [
-    (dict(variant="F9"), (1, 32, 32, 3), ValueError, "Unknown variant 'F9'.*F0, F0\\+, F1"),
-    (dict(numerics="torch"), (1, 32, 32, 3), ValueError, "Unknown numerics 'torch'"),
-    (dict(group_conv="fastest"), (1, 32, 32, 3), ValueError, "Unknown group_conv"),
-    (dict(drop_rate=1.5), (1, 32, 32, 3), ValueError, "drop_rate must be in"),
-    (dict(group_width=64, widths=[32, 64, 96, 96]), (1, 32, 32, 3), ValueError,
-     "smaller than group_width=64"),
-    ({}, (32, 32, 3), ValueError, "rank 4, got shape \\(32, 32, 3\\)"),
-    ({}, (1, 3, 32, 32), ValueError, "expects 3 input channels.*got 32"),
-])
+@pytest.mark.parametrize(
+    "kwargs, images, error, match",
+    [
+        (dict(variant="F9"), (1, 32, 32, 3), ValueError, "Unknown variant 'F9'.*F0, F0\\+, F1"),
+        (dict(numerics="torch"), (1, 32, 32, 3), ValueError, "Unknown numerics 'torch'"),
+        (dict(group_conv="fastest"), (1, 32, 32, 3), ValueError, "Unknown group_conv"),
+        (dict(drop_rate=1.5), (1, 32, 32, 3), ValueError, "drop_rate must be in"),
+        (
+            dict(group_width=64, widths=[32, 64, 96, 96]),
+            (1, 32, 32, 3),
+            ValueError,
+            "smaller than group_width=64",
+        ),
+        ({}, (32, 32, 3), ValueError, "rank 4, got shape \\(32, 32, 3\\)"),
+        ({}, (1, 3, 32, 32), ValueError, "expects 3 input channels.*got 32"),
+    ],
+)
 def test_bad_input_errors(kwargs, images, error, match):
     fn = hk.transform(lambda x: nfnet.NFNet(10, **kwargs)(x, is_training=False))
     with pytest.raises(error, match=match):

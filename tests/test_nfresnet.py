@@ -1,4 +1,5 @@
 """NF-ResNets: structure of the reference, forward pass, SE option."""
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -12,9 +13,10 @@ def _shapes(variant, **kwargs):
     return jax.eval_shape(fn.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
 
 
-@pytest.mark.parametrize("variant, blocks", [("ResNet26", 8), ("ResNet50", 16),
-                                             ("ResNet101", 33), ("ResNet152", 50),
-                                             ("ResNet200", 66)])
+@pytest.mark.parametrize(
+    "variant, blocks",
+    [("ResNet26", 8), ("ResNet50", 16), ("ResNet101", 33), ("ResNet152", 50), ("ResNet200", 66)],
+)
 def test_structure(variant, blocks):
     params = _shapes(variant)
     # initial conv + per block (skip gain, conv0, conv1, conv2) + 4 shortcuts + classifier
@@ -28,7 +30,8 @@ def test_structure(variant, blocks):
 
 def test_resnet50_counts():
     counts = counting.model_counts(
-        lambda x: nfresnet.NFResNet(1000, "ResNet50")(x, is_training=False), 224)
+        lambda x: nfresnet.NFResNet(1000, "ResNet50")(x, is_training=False), 224
+    )
     # Same convolutions and classifier as a standard ResNet-50 (4.09 GMACs at 224 px).
     assert round(counts["macs"] / 1e9, 2) == 4.09
     assert counts["modules"] == 70
@@ -41,8 +44,11 @@ def test_squeeze_excite_option():
 
 
 def test_forward_and_errors():
-    fn = hk.transform(lambda x: nfresnet.NFResNet(5, "ResNet26", width=1, drop_rate=0.2)(
-        x, True, return_features=True))
+    fn = hk.transform(
+        lambda x: nfresnet.NFResNet(5, "ResNet26", width=1, drop_rate=0.2)(
+            x, True, return_features=True
+        )
+    )
     x = jnp.ones((2, 32, 32, 3))
     params = fn.init(jax.random.PRNGKey(0), x)
     out = fn.apply(params, jax.random.PRNGKey(1), x)

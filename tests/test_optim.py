@@ -19,7 +19,8 @@ CLASSIFIER_W = "NFNet/~/linear/w"
 def f0_shapes():
     forward = hk.transform(lambda x: nfnet.NFNet(variant="F0")(x, is_training=True))
     return jax.eval_shape(
-        lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32)))
+        lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+    )
 
 
 def expected_group(path: str, ndim: int) -> str:
@@ -40,8 +41,9 @@ def test_param_groups_for_every_f0_leaf():
     labels = optim.param_groups(shapes)
     paths = agc.param_paths(shapes)
     assert len(paths) == 233
-    for path, leaf, label in zip(paths, jax.tree.leaves(shapes), jax.tree.leaves(labels),
-                                 strict=True):
+    for path, leaf, label in zip(
+        paths, jax.tree.leaves(shapes), jax.tree.leaves(labels), strict=True
+    ):
         assert label == expected_group(path, leaf.ndim), path
     by_path = dict(zip(paths, jax.tree.leaves(labels), strict=True))
     assert by_path[CLASSIFIER_W] == "decay_only"
@@ -89,23 +91,22 @@ def np_unit_norms(x):
 
 def test_optimizer_applies_decay_and_clipping_to_the_labelled_groups():
     params = small_nfnet_params()
-    labels = dict(zip(agc.param_paths(params), jax.tree.leaves(optim.param_groups(params)),
-                      strict=True))
+    labels = dict(
+        zip(agc.param_paths(params), jax.tree.leaves(optim.param_groups(params)), strict=True)
+    )
     paths = agc.param_paths(params)
     # Zero gradient, lr 1, no momentum: the update is -weight_decay * w exactly where decayed.
     tx = optim.make_optimizer(1.0, clipping=0.01, weight_decay=0.5, momentum=None)
     zeros = jax.tree.map(np.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
-    for path, u, w in zip(paths, jax.tree.leaves(updates), jax.tree.leaves(params),
-                          strict=True):
+    for path, u, w in zip(paths, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
         expected = -0.5 * w if "decay" in labels[path] else np.zeros_like(w)
         np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-6, err_msg=path)
     # Huge gradient, no decay: clipped leaves are bounded, the classifier weight is not.
     tx = optim.make_optimizer(1.0, clipping=0.01, weight_decay=0.0, momentum=None)
     huge = jax.tree.map(lambda x: np.full_like(x, 100.0), params)
     updates, state = jax.jit(tx.update)(huge, tx.init(params), params)
-    for path, u, w in zip(paths, jax.tree.leaves(updates), jax.tree.leaves(params),
-                          strict=True):
+    for path, u, w in zip(paths, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
         u = np.asarray(u)
         if labels[path].startswith("clip"):
             # Every unit is over the bound: each is rescaled to exactly 0.01 * max(||W||, eps)
@@ -128,14 +129,19 @@ def test_chain_matches_manual_reference_update():
     state = tx.init(params)
     update = jax.jit(tx.update)
     labels = dict(zip(paths, jax.tree.leaves(optim.param_groups(params)), strict=True))
-    momentum = {p: np.zeros_like(w) for p, w in zip(paths, jax.tree.leaves(params),
-                                                     strict=True)}
+    momentum = {p: np.zeros_like(w) for p, w in zip(paths, jax.tree.leaves(params), strict=True)}
     for _ in range(3):
-        grads = jax.tree.map(lambda x: (rng.standard_normal(x.shape) * 0.1).astype(np.float32),
-                             params)
+        grads = jax.tree.map(
+            lambda x: (rng.standard_normal(x.shape) * 0.1).astype(np.float32), params
+        )
         updates, state = update(grads, state, params)
-        for path, g, w, u in zip(paths, jax.tree.leaves(grads), jax.tree.leaves(params),
-                                 jax.tree.leaves(updates), strict=True):
+        for path, g, w, u in zip(
+            paths,
+            jax.tree.leaves(grads),
+            jax.tree.leaves(params),
+            jax.tree.leaves(updates),
+            strict=True,
+        ):
             g = g.astype(np.float64)
             if labels[path].startswith("clip"):
                 g_norm = np_unit_norms(g)
@@ -145,8 +151,7 @@ def test_chain_matches_manual_reference_update():
                 g = g + wd * w
             momentum[path] = mu * momentum[path] + g
             expected = -lr * (g + mu * momentum[path])
-            np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-5, atol=1e-8,
-                                       err_msg=path)
+            np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-5, atol=1e-8, err_msg=path)
         params = optax.apply_updates(params, updates)
 
 
@@ -178,15 +183,23 @@ def test_agc_metrics_and_disabled_agc():
 
 
 def test_custom_masks_for_non_haiku_trees():
-    params = {"params": {"Dense_0": {"kernel": np.ones((3, 4), np.float32),
-                                     "bias": np.ones(4, np.float32)},
-                         "head": {"kernel": np.ones((4, 2), np.float32)}}}
+    params = {
+        "params": {
+            "Dense_0": {"kernel": np.ones((3, 4), np.float32), "bias": np.ones(4, np.float32)},
+            "head": {"kernel": np.ones((4, 2), np.float32)},
+        }
+    }
     agc_mask = agc.exclude_paths("params/head/kernel")
     decay_mask = lambda p: jax.tree_util.tree_map_with_path(
-        lambda path, x: agc.path_to_str(path).endswith("kernel"), p)
+        lambda path, x: agc.path_to_str(path).endswith("kernel"), p
+    )
     labels = optim.param_groups(params, agc_mask=agc_mask, decay_mask=decay_mask)
-    assert labels == {"params": {"Dense_0": {"kernel": "clip+decay", "bias": "clip_only"},
-                                 "head": {"kernel": "decay_only"}}}
+    assert labels == {
+        "params": {
+            "Dense_0": {"kernel": "clip+decay", "bias": "clip_only"},
+            "head": {"kernel": "decay_only"},
+        }
+    }
     tx = optim.make_optimizer(0.1, agc_mask=agc_mask, decay_mask=decay_mask)
     updates, _ = tx.update(params, tx.init(params), params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
@@ -203,12 +216,15 @@ def test_warmup_cosine_schedule():
         else:
             t = min(step - warmup, total - warmup) / (total - warmup)
             expected = 0.5 * base * (1 + math.cos(math.pi * t))
-        np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-7,
-                                   err_msg=str(step))
+        np.testing.assert_allclose(
+            float(schedule(step)), expected, rtol=1e-5, atol=1e-7, err_msg=str(step)
+        )
     no_warmup = optim.warmup_cosine_schedule(1.0, 0, 4)
-    np.testing.assert_allclose([float(no_warmup(s)) for s in range(5)],
-                               [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
-                                0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0], atol=1e-6)
+    np.testing.assert_allclose(
+        [float(no_warmup(s)) for s in range(5)],
+        [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0],
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="0 <= warmup_steps < total_steps"):
         optim.warmup_cosine_schedule(1.0, 10, 10)
     assert optim.scaled_learning_rate(4096) == pytest.approx(1.6)

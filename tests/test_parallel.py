@@ -4,18 +4,31 @@ A Slurm allocation (`sbatch` script, `salloc` shell) sets SLURM_NTASKS for the w
 a plain `python ...` there is one process; only `srun` steps with several tasks (and
 `mpirun`, and TPU pod workers) are multi-process.
 """
+
 import jax
 import pytest
 
 from nfnets_jax import parallel
 
-CLUSTER_VARIABLES = ("TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "SLURM_JOB_ID",
-                     "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST",
-                     "SLURM_STEP_NUM_TASKS")
-SLURM_ALLOCATION = dict(SLURM_JOB_ID="1234", SLURM_NTASKS="4", SLURM_PROCID="0",
-                        SLURM_JOB_NODELIST="node[001-002]")
-SRUN_STEP = dict(SLURM_ALLOCATION, SLURM_STEP_NUM_TASKS="4", SLURM_LOCALID="0",
-                 SLURM_STEP_NODELIST="node[001-002]")
+CLUSTER_VARIABLES = (
+    "TPU_WORKER_HOSTNAMES",
+    "OMPI_COMM_WORLD_SIZE",
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_STEP_NUM_TASKS",
+)
+SLURM_ALLOCATION = dict(
+    SLURM_JOB_ID="1234", SLURM_NTASKS="4", SLURM_PROCID="0", SLURM_JOB_NODELIST="node[001-002]"
+)
+SRUN_STEP = dict(
+    SLURM_ALLOCATION,
+    SLURM_STEP_NUM_TASKS="4",
+    SLURM_LOCALID="0",
+    SLURM_STEP_NODELIST="node[001-002]",
+)
 
 
 @pytest.fixture
@@ -28,10 +41,16 @@ def starts(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("env", [
-    {}, SLURM_ALLOCATION, dict(SRUN_STEP, SLURM_STEP_NUM_TASKS="1", SLURM_NTASKS="1"),
-    {"SLURM_STEP_NUM_TASKS": ""}, {"OMPI_COMM_WORLD_SIZE": "1"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        SLURM_ALLOCATION,
+        dict(SRUN_STEP, SLURM_STEP_NUM_TASKS="1", SLURM_NTASKS="1"),
+        {"SLURM_STEP_NUM_TASKS": ""},
+        {"OMPI_COMM_WORLD_SIZE": "1"},
+    ],
+)
 def test_single_process_environments_do_not_start_distributed(env, starts, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -39,9 +58,14 @@ def test_single_process_environments_do_not_start_distributed(env, starts, monke
     assert starts == []
 
 
-@pytest.mark.parametrize("env", [
-    SRUN_STEP, {"OMPI_COMM_WORLD_SIZE": "2"}, {"TPU_WORKER_HOSTNAMES": "h0,h1"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        SRUN_STEP,
+        {"OMPI_COMM_WORLD_SIZE": "2"},
+        {"TPU_WORKER_HOSTNAMES": "h0,h1"},
+    ],
+)
 def test_multi_process_environments_start_distributed(env, starts, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)

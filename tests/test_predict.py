@@ -1,4 +1,5 @@
 """Tests for image classification (scripts/predict.py) and the ImageNet class names."""
+
 import importlib.util
 import os
 
@@ -37,8 +38,9 @@ def test_imagenet_names():
     assert names[0].startswith("tench") and labels.imagenet_names(short=True)[1] == "goldfish"
     tfds_spec = importlib.util.find_spec("tensorflow_datasets")
     if tfds_spec is not None:
-        path = os.path.join(os.path.dirname(tfds_spec.origin), "datasets", "imagenet2012",
-                            "labels.txt")
+        path = os.path.join(
+            os.path.dirname(tfds_spec.origin), "datasets", "imagenet2012", "labels.txt"
+        )
         if os.path.exists(path):
             with open(path) as f:
                 assert f.read().split() == wnids
@@ -47,8 +49,9 @@ def test_imagenet_names():
 def test_classify_files(imagenet_tiny):
     params, _, paths = imagenet_tiny
     apply_fn = evaluation.model_apply_fn("F0", 1000, **TINY)
-    predictions = evaluation.classify_files(apply_fn, params, paths, labels.imagenet_names(),
-                                            resolution=32, top_k=5)
+    predictions = evaluation.classify_files(
+        apply_fn, params, paths, labels.imagenet_names(), resolution=32, top_k=5
+    )
     assert [p.path for p in predictions] == paths
     for prediction in predictions:
         assert len(prediction.top) == 5

@@ -1,4 +1,5 @@
 """Tests of the per-op-kind step profile (nfnets_jax/profiling.py, scripts/profile_step.py)."""
+
 import dataclasses
 import importlib.util
 import os
@@ -53,7 +54,8 @@ def test_categorize_reads_the_hlo():
 
 def _load_script():
     spec = importlib.util.spec_from_file_location(
-        "profile_step", os.path.join(REPO, "scripts", "profile_step.py"))
+        "profile_step", os.path.join(REPO, "scripts", "profile_step.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,10 +64,13 @@ def _load_script():
 @pytest.mark.slow
 def test_profile_step_tiny_shows_what_matmul_grads_remove():
     script = _load_script()
-    base = benchmarking.BenchmarkConfig(batch_size=2, train_resolution=32, model_kwargs=TINY,
-                                        group_conv="split")
-    results = {impl: script.profile_one(dataclasses.replace(base, conv_grad=impl), "grad", 1)
-               for impl in ("xla", "matmul")}
+    base = benchmarking.BenchmarkConfig(
+        batch_size=2, train_resolution=32, model_kwargs=TINY, group_conv="split"
+    )
+    results = {
+        impl: script.profile_one(dataclasses.replace(base, conv_grad=impl), "grad", 1)
+        for impl in ("xla", "matmul")
+    }
     for result in results.values():
         assert result["wall_s"] > 0 and result["thunk_s"] > 0
         shares = [row["share"] for row in result["categories"]]
@@ -74,8 +79,9 @@ def test_profile_step_tiny_shows_what_matmul_grads_remove():
         assert any(row["category"].startswith("conv 3x3") for row in result["categories"])
         text = profiling.format_profile(result, "tiny")
         assert "wall time per call" in text and "conv 3x3" in text
-    thunks = lambda impl, category: sum(row["thunks"] for row in results[impl]["categories"]
-                                         if row["category"] == category)
+    thunks = lambda impl, category: sum(
+        row["thunks"] for row in results[impl]["categories"] if row["category"] == category
+    )
     # XLA's autodiff computes weight gradients as feature-map-sized convolutions; the
     # matmul backward pass keeps them for 3x3 kernels only (1x1: matrix products).
     assert 0 < thunks("matmul", "conv weight-grad (XLA)") < thunks("xla", "conv weight-grad (XLA)")

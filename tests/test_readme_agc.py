@@ -26,8 +26,12 @@ def agc_section_blocks() -> list[str]:
 
 BLOCKS = agc_section_blocks()
 # Per example: (lambda, the leaf the README leaves unclipped, output-unit axis).
-PROMISES = {0: (0.01, "mlp/~/linear_1/w", -1), 1: (0.01, "params/head/kernel", -1),
-            2: (0.01, "fc/weight", 0), 3: (0.01, "NFNet/~/linear/w", -1)}
+PROMISES = {
+    0: (0.01, "mlp/~/linear_1/w", -1),
+    1: (0.01, "params/head/kernel", -1),
+    2: (0.01, "fc/weight", 0),
+    3: (0.01, "NFNet/~/linear/w", -1),
+}
 
 
 def test_section_has_haiku_flax_pytree_and_optimizer_examples():
@@ -49,8 +53,13 @@ def agc_calls(monkeypatch):
 
         def update(updates, state, params=None):
             out, new_state = tx.update(updates, state, params)
-            jax.debug.callback(lambda *a: calls.append(jax.device_get(a)), updates, params,
-                               out, new_state.num_clipped)
+            jax.debug.callback(
+                lambda *a: calls.append(jax.device_get(a)),
+                updates,
+                params,
+                out,
+                new_state.num_clipped,
+            )
             return out, new_state
 
         return optax.GradientTransformation(tx.init, update)
@@ -83,12 +92,19 @@ def check_agc_call(call, clipping, excluded, unit_axis):
             continue
         is_over = np.broadcast_to(g_norm > max_norm, g.shape)
         # Units over the bound: same direction, norm exactly clipping * max(||W_i||, eps).
-        np.testing.assert_allclose(np.where(is_over, c, 0.0),
-                                   np.where(is_over, g * max_norm / np.maximum(g_norm, 1e-6), 0.0),
-                                   rtol=2e-6, atol=1e-12, err_msg=name)
-        np.testing.assert_allclose(unit_norms(c, unit_axis),
-                                   np.where(g_norm > max_norm, max_norm, g_norm), rtol=2e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.where(is_over, c, 0.0),
+            np.where(is_over, g * max_norm / np.maximum(g_norm, 1e-6), 0.0),
+            rtol=2e-6,
+            atol=1e-12,
+            err_msg=name,
+        )
+        np.testing.assert_allclose(
+            unit_norms(c, unit_axis),
+            np.where(g_norm > max_norm, max_norm, g_norm),
+            rtol=2e-6,
+            err_msg=name,
+        )
         # Units under it: the same bits.
         np.testing.assert_array_equal(c[~is_over], g[~is_over], err_msg=name)
         over += int(np.sum(g_norm > max_norm))
@@ -100,11 +116,16 @@ def check_agc_call(call, clipping, excluded, unit_axis):
 def optimizer_example_update(namespace, calls):
     """One real update of the README's reference optimizer on a small NFNet-named tree."""
     rng = np.random.default_rng(0)
-    shapes = {"NFNet/~/stem_conv0": {"w": (3, 3, 3, 4), "gain": (4,), "bias": (4,)},
-              "NFNet/~/nf_block/~/squeeze_excite/~/linear": {"w": (4, 2), "b": (2,)},
-              "NFNet/~/linear": {"w": (4, 10), "b": (10,)}}
-    params = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), shapes,
-                          is_leaf=lambda s: isinstance(s, tuple))
+    shapes = {
+        "NFNet/~/stem_conv0": {"w": (3, 3, 3, 4), "gain": (4,), "bias": (4,)},
+        "NFNet/~/nf_block/~/squeeze_excite/~/linear": {"w": (4, 2), "b": (2,)},
+        "NFNet/~/linear": {"w": (4, 10), "b": (10,)},
+    }
+    params = jax.tree.map(
+        lambda s: rng.standard_normal(s).astype(np.float32),
+        shapes,
+        is_leaf=lambda s: isinstance(s, tuple),
+    )
     # ||G_i|| / ||W_i|| is 0.005 (under lambda) for the stem kernel, 0.02 (over) elsewhere.
     grads = jax.tree.map(lambda w: 0.02 * w, params)
     grads["NFNet/~/stem_conv0"]["w"] = 0.005 * params["NFNet/~/stem_conv0"]["w"]
@@ -121,8 +142,9 @@ def test_readme_example_runs_and_clips_as_promised(index, agc_calls):
     namespace = {"__name__": f"readme_agc_example_{index}"}
     exec(compile(BLOCKS[index], f"README.md[AGC example {index}]", "exec"), namespace)
     # Every example builds an optimizer state holding AGC statistics in [0, 1].
-    state = agc.find_state(namespace["opt_state"] if "opt_state" in namespace
-                           else namespace["state"])
+    state = agc.find_state(
+        namespace["opt_state"] if "opt_state" in namespace else namespace["state"]
+    )
     fraction = state.clipped_fraction
     assert fraction.shape == () and fraction.dtype == np.float32
     if isinstance(fraction, jax.ShapeDtypeStruct):  # the last example only traces shapes

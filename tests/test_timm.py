@@ -1,4 +1,5 @@
 """Tests for timm interop: key/layout conversion (numpy only) and logits parity (torch+timm)."""
+
 import jax
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ def f0_params():
     # Random values in the exact F0 tree (eval_shape, so nothing is compiled).
     rng = np.random.default_rng(0)
     shapes = tree.expected_shapes("F0")
-    return {m: {p: rng.standard_normal(s, dtype=np.float32) for p, s in g.items()}
-            for m, g in shapes.items()}
+    return {
+        m: {p: rng.standard_normal(s, dtype=np.float32) for p, s in g.items()}
+        for m, g in shapes.items()
+    }
 
 
 def test_round_trip_without_torch_is_exact(f0_params):
@@ -27,8 +30,10 @@ def test_round_trip_without_torch_is_exact(f0_params):
     assert sd["stages.3.2.skipinit_gain"].shape == ()
     np.testing.assert_array_equal(sd["head.fc.weight"], f0_params["NFNet/~/linear"]["w"].T)
     # Global block 9 is stage 3's first block (depths 1, 2, 6, 3).
-    np.testing.assert_array_equal(sd["stages.3.0.downsample.conv.weight"][:, :, 0, 0],
-                                  f0_params["NFNet/~/nf_block_9/~/conv_shortcut"]["w"][0, 0].T)
+    np.testing.assert_array_equal(
+        sd["stages.3.0.downsample.conv.weight"][:, :, 0, 0],
+        f0_params["NFNet/~/nf_block_9/~/conv_shortcut"]["w"][0, 0].T,
+    )
     back = timm_convert.timm_to_params(sd)
     assert sorted(back) == sorted(f0_params)
     for module, group in f0_params.items():
@@ -47,8 +52,10 @@ def test_unknown_and_missing_timm_keys_are_named(f0_params):
     with pytest.raises(errors.CheckpointMismatchError, match=r"lacks stages\.1\.1\.conv2b\.gain"):
         timm_convert.timm_to_params(sd)
     with pytest.raises(errors.CheckpointMismatchError, match="not a timm NFNet"):
-        timm_convert.timm_to_params({k: v for k, v in sd.items() if not k.startswith("st")
-                                     } | {"stem.conv1.weight": sd["stem.conv1.weight"]})
+        timm_convert.timm_to_params(
+            {k: v for k, v in sd.items() if not k.startswith("st")}
+            | {"stem.conv1.weight": sd["stem.conv1.weight"]}
+        )
 
 
 @pytest.fixture(scope="module")

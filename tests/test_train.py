@@ -3,6 +3,7 @@
 Compilations are the cost on a 2-core CPU, so the runs share one module-scoped baseline run
 (4 steps, checkpoints at 2 and 4) and reuse its compiled step through the persistent cache.
 """
+
 import json
 import os
 import shutil
@@ -39,8 +40,9 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
     leaves_b = jax.tree.leaves(b)
     assert len(paths_a) == len(leaves_b)
     for (path, x), y in zip(paths_a, leaves_b, strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def subprocess_env(device_count):
@@ -76,8 +78,14 @@ def test_trains_with_finite_loss_and_identical_replicas(baseline):
     assert checkpointing.Checkpointer(workdir).all_steps() == [2, 4]
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     train_records = [r for r in records if r["split"] == "train"]
-    assert {"loss", "grad_norm", "param_norm", "update_norm", "agc_clipped_fraction",
-            "learning_rate"} <= set(train_records[-1])
+    assert {
+        "loss",
+        "grad_norm",
+        "param_norm",
+        "update_norm",
+        "agc_clipped_fraction",
+        "learning_rate",
+    } <= set(train_records[-1])
     assert {r["split"] for r in records} == {"train", "eval", "eval_ema"}
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     with open(os.path.join(workdir, "config.json")) as f:
@@ -101,24 +109,39 @@ def test_per_device_rngs_differ_and_ema_follows_formula(monkeypatch):
         if "loss" not in tree:  # The gradients (the step's first pmean): hold on to them.
             pending["grads"] = tree
             return real_pmean(tree)
-        return {**real_pmean(tree), "device_loss": tree["loss"],
-                "device_grads": pending.pop("grads")}
+        return {
+            **real_pmean(tree),
+            "device_loss": tree["loss"],
+            "device_grads": pending.pop("grads"),
+        }
 
     monkeypatch.setattr(parallel, "pmean", spy)
     n = jax.local_device_count()
     rng = np.random.default_rng(0)
     images = rng.standard_normal((plan.per_device_batch_size, 32, 32, 3)).astype(np.float32)
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, plan.per_device_batch_size)]
-    batch = jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape)),
-                         {"images": images, "labels": labels})
+    batch = jax.tree.map(
+        lambda x: np.broadcast_to(x, (n, *x.shape)), {"images": images, "labels": labels}
+    )
 
     def run():
         # A fresh state and a freshly traced step per run, as a new process would have.
         # Bound as train_and_evaluate binds it (there with functools.partial).
-        p_train = parallel.pmap(lambda s, b, r: train.train_step(
-            s, b, r, model=model, optimizer=optimizer, schedule=train.make_schedule(plan),
-            policy=train.precision_policy(config), label_smoothing=config.label_smoothing,
-            max_ema_decay=config.ema_decay, use_sam=config.sam.enabled), donate_argnums=(0,))
+        p_train = parallel.pmap(
+            lambda s, b, r: train.train_step(
+                s,
+                b,
+                r,
+                model=model,
+                optimizer=optimizer,
+                schedule=train.make_schedule(plan),
+                policy=train.precision_policy(config),
+                label_smoothing=config.label_smoothing,
+                max_ema_decay=config.ema_decay,
+                use_sam=config.sam.enabled,
+            ),
+            donate_argnums=(0,),
+        )
         state = parallel.replicate(train.create_train_state(model, optimizer, 32, config.seed))
         return jax.device_get(p_train(state, parallel.shard(batch), parallel.per_device_value(0)))
 
@@ -152,17 +175,26 @@ def test_pmap_matches_single_device():
     plan = train.make_plan(config, 10, 1437)
     model = train.build_model(config, plan.num_classes)
     optimizer = train.make_optimizer(config, plan)
-    kwargs = dict(model=model, optimizer=optimizer, schedule=train.make_schedule(plan),
-                  policy=train.precision_policy(config), label_smoothing=0.1,
-                  max_ema_decay=0.99999, use_sam=False)
+    kwargs = dict(
+        model=model,
+        optimizer=optimizer,
+        schedule=train.make_schedule(plan),
+        policy=train.precision_policy(config),
+        label_smoothing=0.1,
+        max_ema_decay=0.99999,
+        use_sam=False,
+    )
     state = train.create_train_state(model, optimizer, 32, seed=0)
     batches = train.make_train_iterator(config, plan, 0)
     batches = [next(batches) for _ in range(2)]
 
     def run(devices, state):
         n = len(devices)
-        fn = jax.pmap(lambda s, b, r: train.train_step(s, b, r, **kwargs),
-                      axis_name=parallel.AXIS_NAME, devices=devices)
+        fn = jax.pmap(
+            lambda s, b, r: train.train_step(s, b, r, **kwargs),
+            axis_name=parallel.AXIS_NAME,
+            devices=devices,
+        )
         state = jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), state)
         for batch in batches:
             batch = jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[2:]), batch)
@@ -208,8 +240,13 @@ def test_killed_run_resumes_to_same_parameters(baseline, tmp_path):
         train.train_and_evaluate(configlib.load_config_file({TINY!r}), {workdir!r},
                                  step_hook=hook)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(8),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert checkpointing.Checkpointer(workdir).latest_step() == 2
     resumed = train.train_and_evaluate(tiny_config(), workdir)
@@ -239,16 +276,18 @@ def test_nan_input_stops_with_message_and_keeps_good_checkpoint(tmp_path, monkey
 
     monkeypatch.setattr(train, "make_train_iterator", poisoned)
     config = tiny_config(checkpoint_every_steps=1)
-    with pytest.raises(train.NonFiniteLossError,
-                       match=r"Non-finite loss \(nan.*\) at step 3: stopping") as info:
+    with pytest.raises(
+        train.NonFiniteLossError, match=r"Non-finite loss \(nan.*\) at step 3: stopping"
+    ) as info:
         train.train_and_evaluate(config, str(tmp_path))
     assert "The last good checkpoint is step 2" in str(info.value)
     _assert_good_checkpoints(str(tmp_path), config, failed_before=3)
 
 
 def test_batch_not_divisible_by_device_count_is_rejected():
-    with pytest.raises(ValueError, match="Global batch size 12 is not divisible by the total "
-                                         "device count 8"):
+    with pytest.raises(
+        ValueError, match="Global batch size 12 is not divisible by the total device count 8"
+    ):
         train.make_plan(tiny_config(batch_size=12), 10, 1437)
 
 
@@ -278,13 +317,26 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
     port = _free_port()
     procs = []
     for process_id in range(2):
-        command = [sys.executable, os.path.join(REPO, "scripts", "train.py"),
-                   f"--config={TINY}", f"--workdir={workdir}",
-                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                   f"--process_id={process_id}", "--cpu_collectives=gloo"]
-        procs.append(subprocess.Popen(command, env=subprocess_env(4), cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        command = [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            f"--config={TINY}",
+            f"--workdir={workdir}",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={process_id}",
+            "--cpu_collectives=gloo",
+        ]
+        procs.append(
+            subprocess.Popen(
+                command,
+                env=subprocess_env(4),
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -293,8 +345,12 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
     config = tiny_config()
     plan = train.make_plan(config, 10, 1437)
     # Each process reads its own, disjoint shard of every global batch.
-    shards = [train.make_train_iterator(config, plan, 0, process_index=i, process_count=2,
-                                        local_device_count=4) for i in range(2)]
+    shards = [
+        train.make_train_iterator(
+            config, plan, 0, process_index=i, process_count=2, local_device_count=4
+        )
+        for i in range(2)
+    ]
     seen = [[next(s) for _ in range(4)] for s in shards]
     images = [np.concatenate([b["images"].reshape(-1, 32 * 32 * 3) for b in s]) for s in seen]
     rows = [{r.tobytes() for r in imgs} for imgs in images]
@@ -304,9 +360,12 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
     real_iterator = train.make_train_iterator
 
     def union_iterator(config, plan, start_step, **kwargs):
-        its = [real_iterator(config, plan, start_step, process_index=i,
-                                         process_count=2, local_device_count=4)
-               for i in range(2)]
+        its = [
+            real_iterator(
+                config, plan, start_step, process_index=i, process_count=2, local_device_count=4
+            )
+            for i in range(2)
+        ]
         while True:
             parts = [next(it) for it in its]
             yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -343,8 +402,11 @@ def test_bad_variant_fails_before_data_is_read_or_anything_written(tmp_path, mon
 
 
 def test_missing_eval_split_fails_at_start_up():
-    with pytest.raises(ValueError, match=r"Dataset 'digits' has no split 'validation'; "
-                                         r"available: \['test', 'train'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Dataset 'digits' has no split 'validation'; "
+        r"available: \['test', 'train'\]",
+    ):
         train.dataset_info(tiny_config(eval_split="validation"))
 
 
@@ -355,16 +417,18 @@ def _copy_workdir(baseline, tmp_path):
 
 
 def _snapshot(workdir):
-    return {name: open(os.path.join(workdir, name), "rb").read()
-            for name in ("config.json", "metrics.jsonl")}
+    return {
+        name: open(os.path.join(workdir, name), "rb").read()
+        for name in ("config.json", "metrics.jsonl")
+    }
 
 
-def test_resume_with_another_model_or_optimizer_is_refused_before_any_write(baseline,
-                                                                           tmp_path):
+def test_resume_with_another_model_or_optimizer_is_refused_before_any_write(baseline, tmp_path):
     workdir = _copy_workdir(baseline, tmp_path)
     before = _snapshot(workdir)
-    config = tiny_config(**{"model.widths": (64, 32, 32, 32), "sam.enabled": True,
-                            "log_every_steps": 2})
+    config = tiny_config(
+        **{"model.widths": (64, 32, 32, 32), "sam.enabled": True, "log_every_steps": 2}
+    )
     with pytest.raises(train.ConfigMismatchError) as info:
         train.train_and_evaluate(config, workdir)
     message = str(info.value)
@@ -377,8 +441,7 @@ def test_resume_with_another_model_or_optimizer_is_refused_before_any_write(base
     assert checkpointing.Checkpointer(workdir).all_steps() == [2, 4]
 
 
-def test_resume_with_harmless_changes_rewrites_config_atomically(baseline, tmp_path,
-                                                                 monkeypatch):
+def test_resume_with_harmless_changes_rewrites_config_atomically(baseline, tmp_path, monkeypatch):
     workdir = _copy_workdir(baseline, tmp_path)
     replaced = []
     real_replace = os.replace
@@ -431,6 +494,9 @@ def test_write_json_atomic_leaves_the_old_file_on_failure(tmp_path):
 def test_restore_refuses_a_checkpoint_of_other_shapes(tmp_path):
     checkpointer = checkpointing.Checkpointer(str(tmp_path))
     checkpointer.save(1, {"head": {"w": np.zeros((4, 10), np.float32)}, "b": np.zeros(3)})
-    with pytest.raises(ValueError, match=r"\['head'\]\['w'\]: \(4, 10\) saved, \(4, 5\) "
-                                         r"expected"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['head'\]\['w'\]: \(4, 10\) saved, \(4, 5\) "
+        r"expected",
+    ):
         checkpointer.restore({"head": {"w": np.zeros((4, 5), np.float32)}, "b": np.zeros(3)})

@@ -10,6 +10,7 @@
 Every input may be a zoo name or a path in any supported format (released pickle, .npz,
 timm .pth); pickles are only ever read with the restricted loader.
 """
+
 import argparse
 import sys
 
@@ -53,8 +54,9 @@ def _to_timm(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parses `argv` and runs the sub-command."""
-    parser = argparse.ArgumentParser(prog="python -m nfnets_jax.checkpoints",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m nfnets_jax.checkpoints", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(required=True, dest="command")
     commands.add_parser("list", help="the released checkpoints").set_defaults(fn=_list)
     fetch = commands.add_parser("fetch", help="download and verify a zoo checkpoint")
@@ -63,9 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     info = commands.add_parser("info", help="detect and validate a checkpoint's model")
     info.add_argument("checkpoint")
     info.set_defaults(fn=_info)
-    for name, fn, help_text in (("to-npz", _to_npz, "write as .npz (no pickle)"),
-                                ("from-timm", _to_npz, "timm .pth -> .npz"),
-                                ("to-timm", _to_timm, "write as a timm state dict (.pth)")):
+    for name, fn, help_text in (
+        ("to-npz", _to_npz, "write as .npz (no pickle)"),
+        ("from-timm", _to_npz, "timm .pth -> .npz"),
+        ("to-timm", _to_timm, "write as a timm state dict (.pth)"),
+    ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("checkpoint")
         sub.add_argument("output")

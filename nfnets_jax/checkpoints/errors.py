@@ -1,4 +1,5 @@
 """Errors raised when a checkpoint cannot be used; tests and callers match on these."""
+
 import pickle
 
 
@@ -16,4 +17,3 @@ class CheckpointFormatError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """The parameter tree does not match the requested model."""
-

@@ -4,6 +4,7 @@ The list ships as package data (`imagenet_labels.txt`): WordNet ids in the order
 tensorflow_datasets' `imagenet2012/labels.txt` (sorted ids, the usual ImageNet order), each
 with its WordNet lemmas ("tench, Tinca tinca").
 """
+
 import functools
 import importlib.resources
 
@@ -12,10 +13,14 @@ NUM_CLASSES = 1000
 
 @functools.cache
 def _entries() -> tuple[tuple[str, str], ...]:
-    text = (importlib.resources.files("nfnets_jax.checkpoints") / "imagenet_labels.txt"
-            ).read_text(encoding="utf-8")
-    entries = tuple(tuple(line.split("\t", 1)) for line in text.splitlines()
-                    if line and not line.startswith("#"))
+    text = (importlib.resources.files("nfnets_jax.checkpoints") / "imagenet_labels.txt").read_text(
+        encoding="utf-8"
+    )
+    entries = tuple(
+        tuple(line.split("\t", 1))
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    )
     if len(entries) != NUM_CLASSES:
         raise RuntimeError(f"imagenet_labels.txt has {len(entries)} classes, expected 1000.")
     return entries

@@ -8,6 +8,7 @@ loadable with `allow_pickle=False`: the recommended format for later use.
 `convert_released` does both steps; `load_params` opens any supported checkpoint (zoo name,
 released pickle, `.npz`, timm `.pth`).
 """
+
 import os
 import sys
 import zipfile
@@ -49,12 +50,15 @@ def check_two_level(tree: Any, name: str = "checkpoint") -> Params:
         raise CheckpointFormatError(f"{name} does not hold a non-empty mapping of modules.")
     for module, params in tree.items():
         if not isinstance(params, dict):
-            raise CheckpointFormatError(f"{name}: module {module!r} holds a "
-                                        f"{type(params).__name__}, not a mapping of parameters.")
+            raise CheckpointFormatError(
+                f"{name}: module {module!r} holds a "
+                f"{type(params).__name__}, not a mapping of parameters."
+            )
         for param, value in params.items():
             if not isinstance(value, np.ndarray):
-                raise CheckpointFormatError(f"{name}: {module}/{param} is a "
-                                            f"{type(value).__name__}, not an array.")
+                raise CheckpointFormatError(
+                    f"{name}: {module}/{param} is a {type(value).__name__}, not an array."
+                )
     return tree
 
 
@@ -105,8 +109,9 @@ def load_npz(path: str) -> Params:
         with np.load(path, allow_pickle=False) as archive:
             flat = {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
-        raise CheckpointFormatError(f"{path} is not a readable .npz archive of plain arrays "
-                                    f"({type(e).__name__}: {e}).") from e
+        raise CheckpointFormatError(
+            f"{path} is not a readable .npz archive of plain arrays ({type(e).__name__}: {e})."
+        ) from e
     return check_two_level(unflatten(flat), path)
 
 
@@ -159,10 +164,13 @@ def load_params(checkpoint: str, progress: TextIO | None = sys.stderr) -> Params
     if fmt == "torch":
         # Imported here: timm_convert imports this module.
         from nfnets_jax.checkpoints import timm_convert
+
         return timm_convert.load_timm_checkpoint(path)
     if fmt == "orbax":
         raise CheckpointFormatError(
             f"{path} is a directory; for a training workdir use "
-            "`nfnets_jax.evaluation.load_workdir_params` (orbax).")
-    raise CheckpointFormatError(f"{path} is not a known checkpoint format (a released pickle, "
-                                ".npz archive or torch .pth).")
+            "`nfnets_jax.evaluation.load_workdir_params` (orbax)."
+        )
+    raise CheckpointFormatError(
+        f"{path} is not a known checkpoint format (a released pickle, .npz archive or torch .pth)."
+    )

@@ -7,6 +7,7 @@ only rebuild arrays and builtin types, protocol-2 `_codecs.encode`) to functions
 module, never importing the module a global names; any other global is refused with
 `errors.UnsafeCheckpointError` before anything runs.
 """
+
 import codecs
 import collections
 import io
@@ -34,16 +35,18 @@ def _numpy_multiarray() -> Any:
 def _check_dtype(dtype: Any) -> np.dtype:
     dtype = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
     if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS:
-        raise UnsafeCheckpointError(f"refusing numpy dtype {dtype!r}: only numeric arrays are "
-                                    "allowed in a checkpoint.")
+        raise UnsafeCheckpointError(
+            f"refusing numpy dtype {dtype!r}: only numeric arrays are allowed in a checkpoint."
+        )
     return dtype
 
 
 def _safe_reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
     """numpy's `_reconstruct` (the ndarray pickle path), for plain ndarrays only."""
     if subtype is not np.ndarray:
-        raise UnsafeCheckpointError(f"refusing to rebuild an array of type {subtype!r}: only "
-                                    "numpy.ndarray is allowed.")
+        raise UnsafeCheckpointError(
+            f"refusing to rebuild an array of type {subtype!r}: only numpy.ndarray is allowed."
+        )
     return _numpy_multiarray()._reconstruct(np.ndarray, shape, typecode)
 
 
@@ -72,8 +75,9 @@ def _safe_dtype(*args: Any) -> np.dtype:
     return _check_dtype(np.dtype(*args))
 
 
-def _safe_create_array(f: Callable[..., Any], args: Any, state: Any,
-                       npdict: Any = None) -> np.ndarray:
+def _safe_create_array(
+    f: Callable[..., Any], args: Any, state: Any, npdict: Any = None
+) -> np.ndarray:
     """dill's `_create_array(f, args, state, npdict)` for plain numeric ndarrays."""
     if f not in (_safe_reconstruct,):
         raise UnsafeCheckpointError(f"refusing dill._dill._create_array with {f!r}.")
@@ -85,8 +89,9 @@ def _safe_create_array(f: Callable[..., Any], args: Any, state: Any,
     return array
 
 
-def _safe_reconstruct_device_array(fun: Callable[..., Any], args: Any, arr_state: Any,
-                                   aval_state: Any = None) -> np.ndarray:
+def _safe_reconstruct_device_array(
+    fun: Callable[..., Any], args: Any, arr_state: Any, aval_state: Any = None
+) -> np.ndarray:
     """2021 jax pickled DeviceArrays as reconstruct_device_array(ndarray reduce parts)."""
     del aval_state  # weak_type / named_shape: meaningless for a numpy array.
     return _safe_create_array(fun, args, arr_state)
@@ -111,16 +116,27 @@ def _dill_create_dtypemeta(scalar_type: Any) -> type:
     return type(_check_dtype(scalar_type))
 
 
-_DILL_BUILTIN_TYPES = {"dict": dict, "list": list, "tuple": tuple, "str": str,
-                       "bytes": bytes, "int": int, "float": float, "bool": bool,
-                       "complex": complex, "NoneType": type(None)}
+_DILL_BUILTIN_TYPES = {
+    "dict": dict,
+    "list": list,
+    "tuple": tuple,
+    "str": str,
+    "bytes": bytes,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "complex": complex,
+    "NoneType": type(None),
+}
 
 
 def _dill_load_type(name: str) -> type:
     """dill's `_load_type(name)` for builtin data types only."""
     if name not in _DILL_BUILTIN_TYPES:
-        raise UnsafeCheckpointError(f"refusing dill._dill._load_type({name!r}): only the data "
-                                    f"types {sorted(_DILL_BUILTIN_TYPES)} are allowed.")
+        raise UnsafeCheckpointError(
+            f"refusing dill._dill._load_type({name!r}): only the data "
+            f"types {sorted(_DILL_BUILTIN_TYPES)} are allowed."
+        )
     return _DILL_BUILTIN_TYPES[name]
 
 
@@ -146,8 +162,22 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     for module in ("numpy.core.numeric", "numpy._core.numeric"):
         allowed[(module, "_frombuffer")] = _safe_frombuffer
     # Numpy scalar types (float32, int64, ...) are pure data classes; dtype pickles name them.
-    for name in ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-                 "uint64", "float16", "float32", "float64", "complex64", "complex128"):
+    for name in (
+        "bool_",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    ):
         allowed[("numpy", name)] = getattr(np, name)
     return allowed
 
@@ -186,8 +216,10 @@ def _to_plain(tree: Any, path: str = "") -> Any:
     if isinstance(tree, np.ndarray):
         _check_dtype(tree.dtype)
         return tree
-    raise CheckpointFormatError(f"unexpected {type(tree).__name__} at {path or 'the root'}: a "
-                                "checkpoint holds only mappings of numpy arrays.")
+    raise CheckpointFormatError(
+        f"unexpected {type(tree).__name__} at {path or 'the root'}: a "
+        "checkpoint holds only mappings of numpy arrays."
+    )
 
 
 def load(f: BinaryIO, name: str = "<stream>") -> Any:
@@ -208,16 +240,27 @@ def load(f: BinaryIO, name: str = "<stream>") -> Any:
     if head != _PICKLE_PROTO:
         raise CheckpointFormatError(
             f"{name} is not a pickle (it starts with {head!r}, not b'\\x80'); expected a "
-            "released NFNet checkpoint. `released.load_params` also reads .npz and timm .pth.")
+            "released NFNet checkpoint. `released.load_params` also reads .npz and timm .pth."
+        )
     f.seek(f.tell() - 1)
     try:
         tree = _RestrictedUnpickler(f).load()
     except UnsafeCheckpointError:
         raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
-            KeyError, AttributeError, MemoryError, RecursionError) as e:
-        raise CheckpointFormatError(f"{name} is truncated or corrupt: unpickling failed with "
-                                    f"{type(e).__name__}: {e}") from e
+    except (
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        MemoryError,
+        RecursionError,
+    ) as e:
+        raise CheckpointFormatError(
+            f"{name} is truncated or corrupt: unpickling failed with {type(e).__name__}: {e}"
+        ) from e
     if f.read(1):
         raise CheckpointFormatError(f"{name} has trailing bytes after the end of the pickle.")
     try:

@@ -27,6 +27,7 @@ The conversion itself needs only numpy (state dicts of numpy arrays or torch ten
 Reading and writing `.pth` files and building timm models need PyTorch and timm; see
 `import_timm` for the torchvision shim.
 """
+
 import glob
 import importlib
 import importlib.util
@@ -43,8 +44,13 @@ from nfnets_jax.checkpoints import errors, released, tree
 # timm model name -> this project's variant.
 TIMM_VARIANTS = {f"dm_nfnet_f{i}": f"F{i}" for i in range(7)}
 
-_CONV_NAMES = {"conv1": "conv0", "conv2": "conv1", "conv2b": "conv1b", "conv3": "conv2",
-               "downsample.conv": "conv_shortcut"}
+_CONV_NAMES = {
+    "conv1": "conv0",
+    "conv2": "conv1",
+    "conv2b": "conv1b",
+    "conv3": "conv2",
+    "downsample.conv": "conv_shortcut",
+}
 _SE_NAMES = {"fc1": "linear", "fc2": "linear_1"}
 _BLOCK_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.(.+)$")
 _torchvision_stub_library = None  # Keeps the stub registrations alive.
@@ -56,8 +62,9 @@ def _array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _conv_from_timm(prefix: str, sd: Mapping[str, np.ndarray], used: set[str]
-                    ) -> dict[str, np.ndarray]:
+def _conv_from_timm(
+    prefix: str, sd: Mapping[str, np.ndarray], used: set[str]
+) -> dict[str, np.ndarray]:
     keys = [f"{prefix}.weight", f"{prefix}.gain", f"{prefix}.bias"]
     missing = [k for k in keys if k not in sd]
     if missing:
@@ -65,14 +72,19 @@ def _conv_from_timm(prefix: str, sd: Mapping[str, np.ndarray], used: set[str]
     used.update(keys)
     weight, gain, bias = (sd[k] for k in keys)
     if weight.ndim != 4:
-        raise errors.CheckpointMismatchError(f"{prefix}.weight has shape {weight.shape}, "
-                                             "expected an OIHW conv kernel.")
-    return {"w": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)),
-            "gain": gain.reshape(gain.shape[0]), "bias": bias}
+        raise errors.CheckpointMismatchError(
+            f"{prefix}.weight has shape {weight.shape}, expected an OIHW conv kernel."
+        )
+    return {
+        "w": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)),
+        "gain": gain.reshape(gain.shape[0]),
+        "bias": bias,
+    }
 
 
-def _dense_from_timm(prefix: str, sd: Mapping[str, np.ndarray], used: set[str]
-                     ) -> dict[str, np.ndarray]:
+def _dense_from_timm(
+    prefix: str, sd: Mapping[str, np.ndarray], used: set[str]
+) -> dict[str, np.ndarray]:
     keys = [f"{prefix}.weight", f"{prefix}.bias"]
     missing = [k for k in keys if k not in sd]
     if missing:
@@ -102,8 +114,9 @@ def timm_to_params(state_dict: Mapping[str, Any], root: str = "NFNet") -> releas
     params: released.Params = {}
     blocks = sorted({(int(m[1]), int(m[2])) for m in map(_BLOCK_KEY.match, sd) if m})
     if not blocks:
-        raise errors.CheckpointMismatchError("no 'stages.<s>.<b>.*' keys: this is not a timm "
-                                             "NFNet state dict.")
+        raise errors.CheckpointMismatchError(
+            "no 'stages.<s>.<b>.*' keys: this is not a timm NFNet state dict."
+        )
     for i in range(4):
         params[f"{root}/~/stem_conv{i}"] = _conv_from_timm(f"stem.conv{i + 1}", sd, used)
     for index, (stage, block) in enumerate(blocks):
@@ -111,25 +124,28 @@ def timm_to_params(state_dict: Mapping[str, Any], root: str = "NFNet") -> releas
         name = tree.block_name(root, index)
         for timm_name, ours in _CONV_NAMES.items():
             if f"{timm_prefix}.{timm_name}.weight" in sd:
-                params[f"{name}/~/{ours}"] = _conv_from_timm(f"{timm_prefix}.{timm_name}", sd,
-                                                             used)
+                params[f"{name}/~/{ours}"] = _conv_from_timm(f"{timm_prefix}.{timm_name}", sd, used)
         for timm_name, ours in _SE_NAMES.items():
             params[f"{name}/~/squeeze_excite/~/{ours}"] = _dense_from_timm(
-                f"{timm_prefix}.attn_last.{timm_name}", sd, used)
+                f"{timm_prefix}.attn_last.{timm_name}", sd, used
+            )
         gain_key = f"{timm_prefix}.skipinit_gain"
         if gain_key not in sd:
-            raise errors.CheckpointMismatchError(f"timm state dict lacks {gain_key} (a timm "
-                                                 "NFNet built without skipinit?).")
+            raise errors.CheckpointMismatchError(
+                f"timm state dict lacks {gain_key} (a timm NFNet built without skipinit?)."
+            )
         used.add(gain_key)
         params[name] = {"skip_gain": sd[gain_key].reshape(())}
     params[f"{root}/~/final_conv"] = _conv_from_timm("final_conv", sd, used)
     params[f"{root}/~/linear"] = _dense_from_timm("head.fc", sd, used)
     unused = sorted(set(sd) - used)
     if unused:
-        listing = ", ".join(unused[:8]) + (f", ... and {len(unused) - 8} more"
-                                           if len(unused) > 8 else "")
+        listing = ", ".join(unused[:8]) + (
+            f", ... and {len(unused) - 8} more" if len(unused) > 8 else ""
+        )
         raise errors.CheckpointMismatchError(
-            f"{len(unused)} timm keys have no counterpart in an NFNet-F model: {listing}.")
+            f"{len(unused)} timm keys have no counterpart in an NFNet-F model: {listing}."
+        )
     return params
 
 
@@ -151,8 +167,7 @@ def params_to_timm(params: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndar
 
     def dense(prefix: str, module: str, as_conv: bool) -> None:
         w = _array(params[module]["w"]).T
-        sd[f"{prefix}.weight"] = np.ascontiguousarray(w.reshape(*w.shape, 1, 1) if as_conv
-                                                      else w)
+        sd[f"{prefix}.weight"] = np.ascontiguousarray(w.reshape(*w.shape, 1, 1) if as_conv else w)
         sd[f"{prefix}.bias"] = _array(params[module]["b"])
 
     for i in range(4):
@@ -166,8 +181,11 @@ def params_to_timm(params: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndar
                 if f"{name}/~/{ours}" in params:
                     conv(f"{prefix}.{timm_name}", f"{name}/~/{ours}")
             for timm_name, ours in _SE_NAMES.items():
-                dense(f"{prefix}.attn_last.{timm_name}", f"{name}/~/squeeze_excite/~/{ours}",
-                      as_conv=True)
+                dense(
+                    f"{prefix}.attn_last.{timm_name}",
+                    f"{name}/~/squeeze_excite/~/{ours}",
+                    as_conv=True,
+                )
             index += 1
     conv("final_conv", f"{root}/~/final_conv")
     dense("head.fc", f"{root}/~/linear", as_conv=False)
@@ -178,12 +196,14 @@ def params_to_timm(params: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndar
 # PyTorch / timm side (optional dependencies).
 # ---------------------------------------------------------------------------------------
 
+
 def _import_torch() -> types.ModuleType:
     try:
         return importlib.import_module("torch")
     except ImportError as e:
-        raise ImportError("PyTorch is needed for timm interop: pip install "
-                          "'nfnets_jax[torch]' (torch, timm).") from e
+        raise ImportError(
+            "PyTorch is needed for timm interop: pip install 'nfnets_jax[torch]' (torch, timm)."
+        ) from e
 
 
 def register_torchvision_stubs() -> bool:
@@ -230,8 +250,9 @@ def import_timm() -> types.ModuleType:
     try:
         return importlib.import_module("timm")
     except ImportError as e:
-        raise ImportError("timm is needed for timm interop: pip install "
-                          "'nfnets_jax[torch]'.") from e
+        raise ImportError(
+            "timm is needed for timm interop: pip install 'nfnets_jax[torch]'."
+        ) from e
 
 
 def to_torch(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -267,8 +288,9 @@ def save_timm_checkpoint(params: Mapping[str, Mapping[str, Any]], path: str) -> 
     return path
 
 
-def create_timm_model(params: Mapping[str, Mapping[str, Any]] | None = None,
-                      variant: str | None = None, **kwargs: Any) -> Any:
+def create_timm_model(
+    params: Mapping[str, Mapping[str, Any]] | None = None, variant: str | None = None, **kwargs: Any
+) -> Any:
     """A timm `dm_nfnet_f*` model in eval mode, loaded with `params` when given.
 
     Args:
@@ -280,8 +302,7 @@ def create_timm_model(params: Mapping[str, Mapping[str, Any]] | None = None,
     variant = variant or tree.detect_variant(params)
     names = {v: k for k, v in TIMM_VARIANTS.items()}
     if variant not in names:
-        raise ValueError(f"timm has no model for variant {variant!r}; it has "
-                         f"{', '.join(names)}.")
+        raise ValueError(f"timm has no model for variant {variant!r}; it has {', '.join(names)}.")
     if params is not None:
         kwargs.setdefault("num_classes", tree.describe(params).num_classes)
     model = timm.create_model(names[variant], pretrained=False, **kwargs)

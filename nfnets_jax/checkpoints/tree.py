@@ -4,6 +4,7 @@
 names it (F0..F7, F0+..F7+), and `validate` compares a tree with what `nfnet.NFNet` expects,
 listing missing, unexpected and mis-shaped parameters by "module/param" path.
 """
+
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ class Architecture:
       num_classes: classifier outputs.
       final_conv_ch: channels of the final 1x1 conv.
     """
+
     root: str
     depths: tuple[int, ...]
     widths: tuple[int, ...]
@@ -61,17 +63,21 @@ def describe(params: Mapping[str, Mapping[str, Any]]) -> Architecture:
     if len(roots) != 1:
         raise CheckpointMismatchError(
             "cannot find the NFNet blocks ('<root>/~/nf_block', '<root>/~/nf_block_1', ...) in "
-            f"this tree; its first modules are {sorted(params)[:5]}.")
+            f"this tree; its first modules are {sorted(params)[:5]}."
+        )
     root = roots.pop()
     indices.sort()
     if indices != list(range(len(indices))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
-        raise CheckpointMismatchError(f"blocks are not numbered 0..{max(indices)}: missing "
-                                      f"{[block_name(root, i) for i in missing][:5]}.")
+        raise CheckpointMismatchError(
+            f"blocks are not numbered 0..{max(indices)}: missing "
+            f"{[block_name(root, i) for i in missing][:5]}."
+        )
     stage_starts = [i for i in indices if f"{block_name(root, i)}/~/conv_shortcut" in params]
     if not stage_starts or stage_starts[0] != 0:
-        raise CheckpointMismatchError(f"{block_name(root, 0)} has no conv_shortcut: the tree "
-                                      "does not look like an NFNet.")
+        raise CheckpointMismatchError(
+            f"{block_name(root, 0)} has no conv_shortcut: the tree does not look like an NFNet."
+        )
     bounds = stage_starts + [len(indices)]
     depths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
 
@@ -84,8 +90,13 @@ def describe(params: Mapping[str, Mapping[str, Any]]) -> Architecture:
     widths = tuple(out_channels(f"{block_name(root, i)}/~/conv2") for i in stage_starts)
     num_classes = out_channels(f"{root}/~/linear")
     final_conv_ch = out_channels(f"{root}/~/final_conv")
-    return Architecture(root=root, depths=depths, widths=widths, num_classes=num_classes,
-                        final_conv_ch=final_conv_ch)
+    return Architecture(
+        root=root,
+        depths=depths,
+        widths=widths,
+        num_classes=num_classes,
+        final_conv_ch=final_conv_ch,
+    )
 
 
 def detect_variant(params: Mapping[str, Mapping[str, Any]]) -> str:
@@ -101,7 +112,8 @@ def detect_variant(params: Mapping[str, Mapping[str, Any]]) -> str:
             return name
     raise CheckpointMismatchError(
         f"no NFNet variant has depths {list(arch.depths)} and widths {list(arch.widths)} "
-        "(a custom or width-multiplied model?); pass the model's arguments explicitly.")
+        "(a custom or width-multiplied model?); pass the model's arguments explicitly."
+    )
 
 
 def model_kwargs(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -118,8 +130,7 @@ def model_kwargs(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         kwargs["variant"] = detect_variant(params)
     except CheckpointMismatchError:
         group_width = int(np.shape(params[f"{first}/~/conv1"]["w"])[2])
-        kwargs.update(variant="F0", depths=arch.depths, widths=arch.widths,
-                      group_width=group_width)
+        kwargs.update(variant="F0", depths=arch.depths, widths=arch.widths, group_width=group_width)
     se = params.get(f"{first}/~/squeeze_excite/~/linear")
     se_ratio = 0.0 if se is None else int(np.shape(se["w"])[1]) / arch.widths[0]
     if se_ratio != 0.5:
@@ -136,6 +147,7 @@ def model_kwargs(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class TreeDiff:
     """Differences between a parameter tree and the expected one, by "module/param" path."""
+
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     mis_shaped: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
@@ -145,6 +157,7 @@ class TreeDiff:
 
     def summary(self, limit: int = 8) -> str:
         """A readable report listing up to `limit` paths per kind."""
+
         def listing(items: list[str]) -> str:
             more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
             return ", ".join(items[:limit]) + more
@@ -160,15 +173,18 @@ class TreeDiff:
         return "; ".join(parts) if parts else "no differences"
 
 
-def compare_trees(params: Mapping[str, Mapping[str, Any]],
-                  expected: Mapping[str, Mapping[str, Any]]) -> TreeDiff:
+def compare_trees(
+    params: Mapping[str, Mapping[str, Any]], expected: Mapping[str, Mapping[str, Any]]
+) -> TreeDiff:
     """Paths missing from `params`, not in `expected`, and with another shape."""
     got, want = flatten_shapes(params), flatten_shapes(expected)
     return TreeDiff(
         missing=tuple(sorted(set(want) - set(got))),
         unexpected=tuple(sorted(set(got) - set(want))),
-        mis_shaped=tuple((k, got[k], want[k]) for k in sorted(set(got) & set(want))
-                         if got[k] != want[k]))
+        mis_shaped=tuple(
+            (k, got[k], want[k]) for k in sorted(set(got) & set(want)) if got[k] != want[k]
+        ),
+    )
 
 
 def flatten_shapes(tree: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, ...]]:
@@ -181,15 +197,18 @@ def flatten_shapes(tree: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int
     return out
 
 
-def expected_shapes(variant: str, num_classes: int = 1000,
-                    **model_kwargs: Any) -> dict[str, dict[str, tuple[int, ...]]]:
+def expected_shapes(
+    variant: str, num_classes: int = 1000, **model_kwargs: Any
+) -> dict[str, dict[str, tuple[int, ...]]]:
     """The parameter shapes of `nfnet.NFNet(num_classes, variant, **model_kwargs)`.
 
     Uses `jax.eval_shape`, so no memory is allocated and nothing is computed.
     """
+
     def forward(x: jax.Array) -> Any:
         return nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)(
-            x, is_training=False)
+            x, is_training=False
+        )
 
     model = hk.transform(forward)
     # Parameter shapes do not depend on the resolution; 32 px keeps tracing cheap.
@@ -198,8 +217,12 @@ def expected_shapes(variant: str, num_classes: int = 1000,
     return {m: {p: tuple(v.shape) for p, v in g.items()} for m, g in shapes.items()}
 
 
-def validate(params: Mapping[str, Mapping[str, Any]], variant: str,
-             num_classes: int | None = None, **model_kwargs: Any) -> None:
+def validate(
+    params: Mapping[str, Mapping[str, Any]],
+    variant: str,
+    num_classes: int | None = None,
+    **model_kwargs: Any,
+) -> None:
     """Checks that `params` fit `nfnet.NFNet(variant=variant, ...)` exactly.
 
     Args:
@@ -227,5 +250,5 @@ def validate(params: Mapping[str, Mapping[str, Any]], variant: str,
         actual = ""
     raise CheckpointMismatchError(
         f"parameters do not match NFNet variant {variant} with {num_classes} classes.{actual} "
-        f"{diff.summary()}.")
-
+        f"{diff.summary()}."
+    )

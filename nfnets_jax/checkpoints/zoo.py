@@ -6,6 +6,7 @@ accuracy the paper reports for it (REFERENCE §5, §6). `resolve` turns a checkp
 cache directory on first use. The cache directory is `$NFNETS_JAX_CACHE` when set, else
 `~/.cache/nfnets_jax`. A download whose md5 does not match is deleted and refused.
 """
+
 import dataclasses
 import hashlib
 import os
@@ -32,6 +33,7 @@ class ZooEntry:
         top5: published ImageNet top-5 (%).
         note: anything special about the run (F6 was trained with SAM).
     """
+
     name: str
     variant: str
     url: str
@@ -46,19 +48,29 @@ class ZooEntry:
 
 
 def _entry(name: str, md5: str, top1: float, top5: float, note: str = "") -> ZooEntry:
-    return ZooEntry(name=name, variant=name, url=_URL.format(name=name), md5=md5, top1=top1,
-                    top5=top5, note=note)
+    return ZooEntry(
+        name=name,
+        variant=name,
+        url=_URL.format(name=name),
+        md5=md5,
+        top1=top1,
+        top5=top5,
+        note=note,
+    )
 
 
-ZOO: dict[str, ZooEntry] = {e.name: e for e in (
-    _entry("F0", "0a41039da1cb43adf47f1b7d86ddfe0f", 83.6, 96.8),
-    _entry("F1", "c9126bbfaf855f9ddb7ff3b902558781", 84.7, 97.1),
-    _entry("F2", "7a018d8d1498020e2f5a8719a1e7f53f", 85.1, 97.3),
-    _entry("F3", "d8e1e78d26db659c486150dbaccbe78a", 85.7, 97.5),
-    _entry("F4", "f5974a7e3388aa81b91a9f1403e759a4", 85.9, 97.6),
-    _entry("F5", "8639e925de951030651ac775b9f915c3", 86.0, 97.6),
-    _entry("F6", "b16cca40ac1ecec2bd5e3273866da0c1", 86.5, 97.9, note="trained with SAM"),
-)}
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        _entry("F0", "0a41039da1cb43adf47f1b7d86ddfe0f", 83.6, 96.8),
+        _entry("F1", "c9126bbfaf855f9ddb7ff3b902558781", 84.7, 97.1),
+        _entry("F2", "7a018d8d1498020e2f5a8719a1e7f53f", 85.1, 97.3),
+        _entry("F3", "d8e1e78d26db659c486150dbaccbe78a", 85.7, 97.5),
+        _entry("F4", "f5974a7e3388aa81b91a9f1403e759a4", 85.9, 97.6),
+        _entry("F5", "8639e925de951030651ac775b9f915c3", 86.0, 97.6),
+        _entry("F6", "b16cca40ac1ecec2bd5e3273866da0c1", 86.5, 97.9, note="trained with SAM"),
+    )
+}
 
 
 class ChecksumError(IOError):
@@ -67,8 +79,9 @@ class ChecksumError(IOError):
 
 def cache_dir() -> str:
     """The directory zoo files are downloaded to ($NFNETS_JAX_CACHE or ~/.cache/nfnets_jax)."""
-    path = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                     "nfnets_jax")
+    path = os.environ.get(CACHE_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "nfnets_jax"
+    )
     return os.path.abspath(path)
 
 
@@ -91,8 +104,14 @@ def _progress(done: int, total: int | None, label: str, out: TextIO) -> None:
     out.flush()
 
 
-def _copy_with_progress(src: BinaryIO, dst: BinaryIO, total: int | None, label: str,
-                        out: TextIO | None, chunk_bytes: int = 1 << 20) -> str:
+def _copy_with_progress(
+    src: BinaryIO,
+    dst: BinaryIO,
+    total: int | None,
+    label: str,
+    out: TextIO | None,
+    chunk_bytes: int = 1 << 20,
+) -> str:
     """Copies `src` to `dst`, showing a progress bar on `out`; returns the md5 of the bytes."""
     digest = hashlib.md5()
     done = 0
@@ -110,8 +129,13 @@ def _copy_with_progress(src: BinaryIO, dst: BinaryIO, total: int | None, label: 
     return digest.hexdigest()
 
 
-def download(url: str, path: str, md5: str | None = None, progress: TextIO | None = sys.stderr,
-             timeout_s: float = 60.0) -> str:
+def download(
+    url: str,
+    path: str,
+    md5: str | None = None,
+    progress: TextIO | None = sys.stderr,
+    timeout_s: float = 60.0,
+) -> str:
     """Downloads `url` to `path` atomically, verifying its md5 sum.
 
     The bytes go to a temporary file next to `path`, which is renamed into place only when
@@ -134,16 +158,19 @@ def download(url: str, path: str, md5: str | None = None, progress: TextIO | Non
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial",
-                               dir=directory)
+    fd, tmp = tempfile.mkstemp(
+        prefix=os.path.basename(path) + ".", suffix=".partial", dir=directory
+    )
     try:
         with os.fdopen(fd, "wb") as dst, urllib.request.urlopen(url, timeout=timeout_s) as src:
             length = src.headers.get("Content-Length") if hasattr(src, "headers") else None
             total = int(length) if length else None
             got = _copy_with_progress(src, dst, total, os.path.basename(path), progress)
         if md5 is not None and got != md5.lower():
-            raise ChecksumError(f"md5 mismatch for {url}: expected {md5}, got {got}; the "
-                                f"download was deleted. Retry, or check the URL.")
+            raise ChecksumError(
+                f"md5 mismatch for {url}: expected {md5}, got {got}; the "
+                f"download was deleted. Retry, or check the URL."
+            )
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -152,8 +179,12 @@ def download(url: str, path: str, md5: str | None = None, progress: TextIO | Non
     return path
 
 
-def fetch(name: str, directory: str | None = None, progress: TextIO | None = sys.stderr,
-          verify_cached: bool = True) -> str:
+def fetch(
+    name: str,
+    directory: str | None = None,
+    progress: TextIO | None = sys.stderr,
+    verify_cached: bool = True,
+) -> str:
     """The local path of zoo checkpoint `name`, downloading it into the cache if needed.
 
     Args:
@@ -181,8 +212,7 @@ def get(name: str) -> ZooEntry:
     """The zoo entry called `name` (case-insensitive), with a clear error for unknown names."""
     entry = ZOO.get(name.upper())
     if entry is None:
-        raise KeyError(f"{name!r} is not a released checkpoint; the zoo has "
-                       f"{', '.join(ZOO)}.")
+        raise KeyError(f"{name!r} is not a released checkpoint; the zoo has {', '.join(ZOO)}.")
     return entry
 
 
@@ -202,8 +232,9 @@ def resolve(checkpoint: str, progress: TextIO | None = sys.stderr) -> str:
         return path
     if is_zoo_name(checkpoint):
         return fetch(checkpoint, progress=progress)
-    raise FileNotFoundError(f"Checkpoint {checkpoint!r} is neither an existing path nor a zoo "
-                            f"name ({', '.join(ZOO)}).")
+    raise FileNotFoundError(
+        f"Checkpoint {checkpoint!r} is neither an existing path nor a zoo name ({', '.join(ZOO)})."
+    )
 
 
 def copy_into_cache(name: str, source: str) -> str:
