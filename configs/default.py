@@ -3,8 +3,8 @@
 Declares every config field; the other configs in this directory start from it and change a
 few. Values that follow from others (peak learning rate = base_learning_rate * batch / 256,
 warmup and total steps from epochs, image sizes / dropout / RandAugment of the variant) are
-computed in `nfnets_jax.train.make_plan`, not stored here. A field set to 0 / -1 / None below
-means "derive it", as its comment says.
+computed in `nfnets_jax.train.recipe.make_plan`, not stored here. A field set to 0 / -1 /
+None below means "derive it", as its comment says.
 
   python scripts/train.py --config=configs/default.py --workdir=/tmp/nfnet_f0 \
       --config.data_dir=/data/tensorflow_datasets
@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model_name = "NFNet"
     config.model = ml_collections.ConfigDict(
         dict(
-            variant="F0",  # F0-F7, F0+-F7+ (nfnet.VARIANTS); checked before anything runs.
+            variant="F0",  # F0-F7, F0+-F7+ (models/variants.py); checked at start-up.
             width=1.0,
             se_ratio=0.5,
             alpha=0.2,

@@ -1,9 +1,10 @@
 """Fine-tuning a released NFNet on a folder or TFDS dataset.
 
-Starts from a released parameter file (a zoo name "F0".."F6", a released pickle, an `.npz` or
-a timm `.pth`, loaded by `nfnets_jax.checkpoints.released.load_params`); the classifier is
-re-initialised for the new label set. A short schedule with a small learning rate, crop + flip
-augmentation and the variant's train / test px (override with image_size=...).
+Starts from any checkpoint (a zoo name "F0".."F6", a released pickle, an `.npz`, a timm
+`.pth` or a training workdir, loaded by `nfnets_jax.checkpoints.loading.load_params`); the
+classifier is re-initialised for the new label set. A short schedule with a small learning
+rate, crop + flip augmentation and the variant's train / test px (override with
+image_size=...).
 
   python scripts/train.py \
       --config=configs/finetune.py:dataset=folder:/data/flowers,variant=F0,checkpoint=F0 \
@@ -12,12 +13,13 @@ augmentation and the variant's train / test px (override with image_size=...).
       --config=configs/finetune.py:dataset=tfds:oxford_flowers102,variant=F1,checkpoint=/w/F1.npz \
       --workdir=/tmp/finetune_tfds --config.num_epochs=20
 
-A folder dataset has one sub-directory per class (see the Data section of the README).
+A folder dataset has one sub-directory per class (see docs/data.md).
 """
 
 import ml_collections
 
 from nfnets_jax import configlib
+from nfnets_jax.models import registry
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -34,7 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             image_size=0,
         ),
     )
-    configlib.check_variant("NFNet", args["variant"])
+    registry.variant("NFNet", args["variant"])  # A clear error for an unknown variant.
     config = configlib.load_config_file(configlib.sibling(__file__, "default.py"))
     config.dataset = args["dataset"] or "folder:/path/to/dataset"
     config.init_checkpoint = args["checkpoint"] or args["variant"]

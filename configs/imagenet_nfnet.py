@@ -8,14 +8,15 @@ size and SAM (on by default only for F6, which the paper trained with SAM):
   python scripts/train.py --config=configs/imagenet_nfnet.py:variant=F1,batch_size=1024 ...
 
 Everything else follows from the variant and the global batch in code
-(`nfnets_jax.train.make_plan`): peak lr = 0.1 * batch / 256 (1.6 at 4096), 360 epochs of
-1,281,167 images with 5 warmup epochs (112,602 and 1,563 steps at 4096), train / test px,
-dropout and RandAugment magnitude from `nfnets_jax.nfnet.VARIANTS`.
+(`nfnets_jax.train.recipe.make_plan`): peak lr = 0.1 * batch / 256 (1.6 at 4096), 360
+epochs of 1,281,167 images with 5 warmup epochs (112,602 and 1,563 steps at 4096), train /
+test px, dropout and RandAugment magnitude from `nfnets_jax.models.variants`.
 """
 
 import ml_collections
 
 from nfnets_jax import configlib
+from nfnets_jax.models import registry
 
 SAM_VARIANTS = ("F6",)
 
@@ -25,7 +26,7 @@ def get_config(arg: str = "F0") -> ml_collections.ConfigDict:
     args = configlib.parse_arg(
         arg, dict(variant="F0", batch_size=4096, sam=""), positional="variant"
     )
-    configlib.check_variant("NFNet", args["variant"])
+    registry.variant("NFNet", args["variant"])  # A clear error for an unknown variant.
     config = configlib.load_config_file(configlib.sibling(__file__, "default.py"))
     config.dataset = "imagenet2012"
     config.num_train_examples = 1_281_167

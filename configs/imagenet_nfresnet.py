@@ -14,6 +14,7 @@ larger batches.
 import ml_collections
 
 from nfnets_jax import configlib
+from nfnets_jax.models import registry
 
 
 def get_config(arg: str = "ResNet50") -> ml_collections.ConfigDict:
@@ -23,7 +24,7 @@ def get_config(arg: str = "ResNet50") -> ml_collections.ConfigDict:
         dict(variant="ResNet50", batch_size=4096, clipping=0.01, epochs=360.0),
         positional="variant",
     )
-    configlib.check_variant("NFResNet", args["variant"])
+    registry.variant("NFResNet", args["variant"])  # A clear error for an unknown variant.
     config = configlib.load_config_file(configlib.sibling(__file__, "default.py"))
     config.dataset = "imagenet2012"
     config.num_train_examples = 1_281_167

@@ -1,13 +1,15 @@
 """nfnets_jax: JAX + Haiku reference reimplementation of NFNets and AGC.
 
-Modules: `nfnet` (NFNet-F0..F7, F0+..F7+), `nfresnet` (NF-ResNets), `layers` (scaled WS conv,
-squeeze-excite, stochastic depth), `activations` (scaled activations), `counting`
-(parameters and MACs), `signal_prop` (signal propagation at initialisation), `agc`
-(adaptive gradient clipping, an optax transform), `optim` (the reference optimizer chain).
+Packages and modules (docs/architecture.md has the full map): `models` (the NFNet family,
+its variant tables and registry), `agc` (adaptive gradient clipping, an optax transform),
+`treepaths` (parameter paths and masks), `optim` (the reference optimizer chain), `data`
+(the input pipeline), `train` (the trainer), `checkpoints` (every checkpoint format),
+`evaluation` and `predict`, `parallel` (device plumbing), `bench` (benchmarks).
 """
 
 from nfnets_jax.agc import adaptive_grad_clip
-from nfnets_jax.nfnet import VARIANTS, NFNet
-from nfnets_jax.nfresnet import NFResNet
+from nfnets_jax.models.nfnet import NFNet
+from nfnets_jax.models.nfresnet import NFResNet
+from nfnets_jax.models.variants import NFNET as VARIANTS
 
 __all__ = ["NFNet", "NFResNet", "VARIANTS", "adaptive_grad_clip"]

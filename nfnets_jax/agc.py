@@ -7,16 +7,13 @@ output unit ``i``::
     if ||G_i|| / max(||W_i||, eps) > clipping:
         G_i <- clipping * max(||W_i||, eps) / max(||G_i||, 1e-6) * G_i
 
-This module holds the transformation (:func:`adaptive_grad_clip`), the unit-wise norm it uses
-(:func:`unitwise_norm`), helpers that build masks from parameter paths
-(:func:`mask_from_patterns`, :func:`exclude_paths`, :func:`nfnet_mask`), and helpers that read
-the clipping statistics out of any optax optimizer state (:func:`clipped_fraction`,
-:func:`per_param_clipped_fraction`).
-
-Parameter paths are the pytree key path joined with ``/``. For Haiku's two-level dicts this
-is ``'<module path>/<param name>'``, e.g. ``'NFNet/~/linear/w'``; for Flax
-``{'params': {'Dense_0': {'kernel': ...}}}`` it is ``'params/Dense_0/kernel'``; list and
-tuple entries contribute their index, dataclass / attribute nodes their attribute name.
+This module holds the transformation (:func:`adaptive_grad_clip`), its state, the unit-wise
+norm it uses (:func:`unitwise_norm`), and readers of the clipping statistics in any optax
+optimizer state (:func:`find_state`, :func:`clipped_fraction`,
+:func:`per_param_clipped_fraction`). Masks are pytrees of bools or functions of the params:
+`nfnets_jax.treepaths` builds them from parameter-path patterns (``exclude_paths``,
+``mask_from_patterns``), and `nfnets_jax.models.registry.agc_mask` is the reference NFNet
+mask (everything but the classifier weight).
 
 References:
   Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image Recognition Without
@@ -25,15 +22,15 @@ References:
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from nfnets_jax import treepaths
 
 # Floor on the weight norm, so zero-initialised parameters (skip gains, biases) can still move.
 DEFAULT_EPS = 1e-3
@@ -43,12 +40,8 @@ _DIV_EPS = 1e-6
 # Default output-unit axis: Haiku and Flax store kernels with output units last
 # (conv HWIO, dense (in, out)).
 DEFAULT_UNIT_AXIS = -1
+_OWNER = "adaptive_grad_clip"  # Prefix of error messages about the options.
 
-# Path of the classifier weight of this project's models; the paper does not clip it.
-NFNET_CLASSIFIER_PATTERN = r"(?:.*/~/)?(?:NFNet|NF_ResNet)/~/linear/w"
-
-Mask = Any  # pytree of bools (or a prefix of the params tree); True = clip.
-MaskOrFn = Mask | Callable[[optax.Params], Mask] | None
 UnitAxes = int | None | Any | Callable[[optax.Params], Any]
 
 
@@ -67,217 +60,6 @@ class AdaptiveGradClipState(NamedTuple):
     clipped_fraction: jax.Array
     num_clipped: jax.Array
     per_param_clipped_fraction: dict[str, jax.Array]
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter paths and masks.
-# --------------------------------------------------------------------------------------------
-
-
-def _key_to_str(key: Any) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
-def path_to_str(key_path: Sequence[Any]) -> str:
-    """Joins a JAX key path into a ``'/'``-separated parameter path.
-
-    Args:
-      key_path: A key path as returned by ``jax.tree_util.tree_flatten_with_path``.
-
-    Returns:
-      The path string, e.g. ``'NFNet/~/linear/w'`` for Haiku parameters.
-    """
-    return "/".join(_key_to_str(k) for k in key_path)
-
-
-def param_paths(params: optax.Params) -> list[str]:
-    """Returns the path of every leaf of ``params``, in ``jax.tree.leaves`` order.
-
-    Args:
-      params: Any pytree of parameters.
-
-    Returns:
-      One ``'/'``-joined path string per leaf.
-    """
-    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _compile_patterns(patterns: str | Sequence[str], syntax: str) -> list[tuple[str, Any]]:
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    if syntax == "regex":
-        return [(p, re.compile(p).fullmatch) for p in patterns]
-    if syntax == "glob":
-        return [(p, lambda s, p=p: fnmatch.fnmatchcase(s, p)) for p in patterns]
-    raise ValueError(f"syntax must be 'regex' or 'glob', got {syntax!r}")
-
-
-def _match_all(
-    paths: list[str], patterns: str | Sequence[str], syntax: str, what: str
-) -> list[bool]:
-    """Whether each path matches any pattern; every pattern must match at least one path."""
-    compiled = _compile_patterns(patterns, syntax)
-    hits = [False] * len(paths)
-    unmatched = []
-    for text, matcher in compiled:
-        matched = False
-        for i, path in enumerate(paths):
-            if matcher(path):
-                hits[i] = True
-                matched = True
-        if not matched:
-            unmatched.append(text)
-    if unmatched:
-        listing = "\n  ".join(paths) if paths else "(the tree has no leaves)"
-        raise ValueError(
-            f"{what} pattern(s) {unmatched} ({syntax}, full match) matched no parameter. "
-            f"Available parameter paths:\n  {listing}"
-        )
-    return hits
-
-
-def mask_from_patterns(
-    params: optax.Params,
-    *,
-    exclude: str | Sequence[str] = (),
-    include: str | Sequence[str] | None = None,
-    syntax: str = "regex",
-) -> Mask:
-    """Builds a clip mask (True = clip) from parameter-path patterns.
-
-    A leaf is selected when ``include`` is None or its path matches one of the ``include``
-    patterns, and its path matches none of the ``exclude`` patterns. Patterns must match the
-    whole path (``re.fullmatch`` for ``'regex'``, ``fnmatch.fnmatchcase`` for ``'glob'``,
-    where ``*`` also matches ``/``). A pattern that matches no parameter raises, so a typo
-    never silently turns into "clip everything".
-
-    Args:
-      params: The parameter pytree.
-      exclude: Pattern(s) of paths to leave unclipped, e.g. ``r'NFNet/~/linear/w'``.
-      include: Optional pattern(s) restricting clipping to matching paths.
-      syntax: ``'regex'`` or ``'glob'``.
-
-    Returns:
-      A pytree of Python bools with the structure of ``params``.
-
-    Raises:
-      ValueError: If a pattern matches no parameter (the message lists every path), or
-        ``syntax`` is unknown.
-    """
-    leaves, treedef = jax.tree.flatten(params)
-    paths = param_paths(params)
-    selected = [True] * len(leaves)
-    if include is not None:
-        selected = _match_all(paths, include, syntax, "include")
-    excluded = _match_all(paths, exclude, syntax, "exclude") if exclude else [False] * len(paths)
-    return jax.tree.unflatten(
-        treedef, [s and not e for s, e in zip(selected, excluded, strict=True)]
-    )
-
-
-def exclude_paths(*patterns: str, syntax: str = "regex") -> Callable[[optax.Params], Mask]:
-    """Returns a mask function clipping every leaf except those matching ``patterns``.
-
-    Use it directly as the ``mask`` of :func:`adaptive_grad_clip`; the patterns are checked
-    against the actual parameter tree when the optimizer is initialised.
-
-    Args:
-      *patterns: Path patterns to leave unclipped (see :func:`mask_from_patterns`).
-      syntax: ``'regex'`` or ``'glob'``.
-
-    Returns:
-      A function ``params -> pytree of bools``.
-    """
-    if not patterns:
-        raise ValueError("exclude_paths needs at least one pattern")
-    return lambda params: mask_from_patterns(params, exclude=patterns, syntax=syntax)
-
-
-def nfnet_mask(params: optax.Params) -> Mask:
-    """The reference AGC mask for NFNet / NF-ResNet parameters: clip all but the classifier w.
-
-    Excludes exactly the top-level classifier weight, ``'NFNet/~/linear/w'`` (or
-    ``'NF_ResNet/~/linear/w'``, the reference's NF-ResNet root name), also when the model
-    sits inside an outer Haiku module. The squeeze-excite layers
-    (``'.../squeeze_excite/~/linear'``), the classifier bias, gains, biases and skip gains
-    are all clipped, as in the reference.
-
-    Args:
-      params: Haiku parameters of an ``NFNet`` or ``NFResNet``.
-
-    Returns:
-      A pytree of bools, True = clip.
-
-    Raises:
-      ValueError: If the tree has no classifier weight under that name (lists the paths).
-    """
-    return mask_from_patterns(params, exclude=NFNET_CLASSIFIER_PATTERN)
-
-
-# --------------------------------------------------------------------------------------------
-# Broadcasting per-leaf options (masks, unit axes) against the params tree.
-# --------------------------------------------------------------------------------------------
-
-
-def _structure_diff(a: Any, b: Any, a_name: str, b_name: str) -> str:
-    a_paths = set(param_paths(a))
-    b_paths = set(param_paths(b))
-    only_a = sorted(a_paths - b_paths)
-    only_b = sorted(b_paths - a_paths)
-    parts = []
-    if only_a:
-        parts.append(f"only in {a_name}: {only_a[:10]}" + (" ..." if len(only_a) > 10 else ""))
-    if only_b:
-        parts.append(f"only in {b_name}: {only_b[:10]}" + (" ..." if len(only_b) > 10 else ""))
-    if not parts:
-        parts.append(f"{a_name}: {jax.tree.structure(a)}; {b_name}: {jax.tree.structure(b)}")
-    return "; ".join(parts)
-
-
-def _per_leaf(option: Any, params: optax.Params, what: str) -> list[Any]:
-    """Broadcasts ``option`` (a pytree that is a prefix of ``params``) to one value per leaf.
-
-    ``None`` entries of ``option`` are values, not empty subtrees.
-    """
-    if callable(option):
-        option = option(params)
-    is_none = lambda x: x is None
-    try:
-        expanded = jax.tree.map(
-            lambda v, sub: jax.tree.map(lambda _: v, sub), option, params, is_leaf=is_none
-        )
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"adaptive_grad_clip: the {what} tree does not match the params tree (it must "
-            f"have the same structure as params, or be a prefix of it): "
-            f"{_structure_diff(option, params, what, 'params')}"
-        ) from err
-    return jax.tree.structure(params).flatten_up_to(expanded)
-
-
-def _mask_values(mask: MaskOrFn, params: optax.Params, paths: list[str]) -> list[bool]:
-    if mask is None:
-        return [True] * len(paths)
-    values = _per_leaf(mask, params, "mask")
-    out = []
-    for path, value in zip(paths, values, strict=True):
-        try:
-            out.append(bool(value))
-        except jax.errors.ConcretizationTypeError as err:
-            raise ValueError(
-                f"adaptive_grad_clip: the mask entry for {path!r} is a traced value; masks "
-                "must be static Python bools (build them from the tree's paths, not its "
-                "values)"
-            ) from err
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,11 +129,55 @@ def _clip_leaf(
     return out, trigger
 
 
+def _clip_leaves(
+    paths: list[str],
+    grads: list[Any],
+    weights: list[Any],
+    clip: list[bool],
+    axes: list[Any],
+    clipping: Any,
+    eps: Any,
+    track_per_param: bool,
+) -> tuple[list[Any], AdaptiveGradClipState]:
+    """Clips every selected leaf; returns the new leaves and the statistics of this update."""
+    new_grads, triggers, per_param = [], [], {}
+    for path, g, w, do_clip, axis in zip(paths, grads, weights, clip, axes, strict=True):
+        if g is None or not do_clip:
+            new_grads.append(g)
+            if do_clip and track_per_param:
+                per_param[path] = jnp.zeros([], jnp.float32)
+            continue
+        if not hasattr(g, "shape") or tuple(g.shape) != tuple(jnp.shape(w)):
+            raise ValueError(
+                f"adaptive_grad_clip: the update for {path!r} has shape "
+                f"{getattr(g, 'shape', type(g).__name__)} but the parameter has shape "
+                f"{jnp.shape(w)}"
+            )
+        new_g, trigger = _clip_leaf(
+            g, w, clipping, eps, _reduction_axes(tuple(g.shape), axis, path)
+        )
+        new_grads.append(new_g)
+        triggers.append(trigger.reshape(-1))
+        if track_per_param:
+            per_param[path] = jnp.mean(trigger, dtype=jnp.float32)
+    # One reduction over all units (rather than one per leaf) keeps compile time low.
+    if triggers:
+        all_units = jnp.concatenate(triggers)
+        num_clipped = jnp.sum(all_units, dtype=jnp.int32)
+        fraction = num_clipped.astype(jnp.float32) / all_units.size
+    else:
+        num_clipped = jnp.zeros([], jnp.int32)
+        fraction = jnp.zeros([], jnp.float32)
+    return new_grads, AdaptiveGradClipState(
+        clipped_fraction=fraction, num_clipped=num_clipped, per_param_clipped_fraction=per_param
+    )
+
+
 def adaptive_grad_clip(
     clipping: float | jax.Array,
     eps: float | jax.Array = DEFAULT_EPS,
     *,
-    mask: MaskOrFn = None,
+    mask: treepaths.MaskOrFn = None,
     unit_axis: UnitAxes = DEFAULT_UNIT_AXIS,
     track_per_param: bool = False,
 ) -> optax.GradientTransformation:
@@ -386,8 +212,9 @@ def adaptive_grad_clip(
       eps: Floor on the weight norm, so zero-initialised parameters can still be updated.
       mask: Which leaves to clip: a pytree of bools with the structure of params (or a
         prefix of it), or a function ``params -> such a pytree``; True = clip, False = pass
-        the update through untouched. None clips every leaf. See :func:`nfnet_mask`,
-        :func:`exclude_paths` and :func:`mask_from_patterns`.
+        the update through untouched. None clips every leaf. See
+        ``treepaths.exclude_paths``, ``treepaths.mask_from_patterns`` and
+        ``models.registry.agc_mask``.
       unit_axis: The output-unit axis: an int for every leaf, or a pytree (prefix) / function
         of params giving an int or None per leaf. Default -1 (Haiku / Flax layouts).
       track_per_param: Also record the clipped fraction of each clipped leaf in the state.
@@ -412,17 +239,17 @@ def adaptive_grad_clip(
         raise ValueError(f"adaptive_grad_clip: eps must be >= 0, got {eps}")
 
     def tracked_paths(params: optax.Params) -> list[str]:
-        paths = param_paths(params)
-        clip = _mask_values(mask, params, paths)
+        paths = treepaths.param_paths(params)
+        clip = treepaths.mask_values(mask, params, owner=_OWNER)
         return [p for p, c in zip(paths, clip, strict=True) if c]
 
     def init_fn(params: optax.Params) -> AdaptiveGradClipState:
         # Resolving the mask and the unit axes here makes a bad pattern or axis fail at init.
         paths = tracked_paths(params)
         for path, leaf, axis in zip(
-            param_paths(params),
+            treepaths.param_paths(params),
             jax.tree.leaves(params),
-            _per_leaf(unit_axis, params, "unit_axis"),
+            treepaths.per_leaf(unit_axis, params, "unit_axis", _OWNER),
             strict=True,
         ):
             _reduction_axes(tuple(jnp.shape(leaf)), axis, path)
@@ -451,45 +278,15 @@ def adaptive_grad_clip(
         except (ValueError, TypeError) as err:
             raise ValueError(
                 "adaptive_grad_clip: updates and params have different tree structures: "
-                f"{_structure_diff(updates, params, 'updates', 'params')}"
+                f"{treepaths.structure_diff(updates, params, 'updates', 'params')}"
             ) from err
         weights = treedef.flatten_up_to(params)
-        paths = param_paths(params)
-        clip = _mask_values(mask, params, paths)
-        axes = _per_leaf(unit_axis, params, "unit_axis")
+        paths = treepaths.param_paths(params)
+        clip = treepaths.mask_values(mask, params, owner=_OWNER)
+        axes = treepaths.per_leaf(unit_axis, params, "unit_axis", _OWNER)
 
-        new_grads = []
-        triggers = []
-        per_param = {}
-        for path, g, w, do_clip, axis in zip(paths, grads, weights, clip, axes, strict=True):
-            if g is None or not do_clip:
-                new_grads.append(g)
-                if do_clip and track_per_param:
-                    per_param[path] = jnp.zeros([], jnp.float32)
-                continue
-            if not hasattr(g, "shape") or tuple(g.shape) != tuple(jnp.shape(w)):
-                raise ValueError(
-                    f"adaptive_grad_clip: the update for {path!r} has shape "
-                    f"{getattr(g, 'shape', type(g).__name__)} but the parameter has shape "
-                    f"{jnp.shape(w)}"
-                )
-            red = _reduction_axes(tuple(g.shape), axis, path)
-            new_g, trigger = _clip_leaf(g, w, clipping, eps, red)
-            new_grads.append(new_g)
-            triggers.append(trigger.reshape(-1))
-            if track_per_param:
-                per_param[path] = jnp.mean(trigger, dtype=jnp.float32)
-
-        # One reduction over all units (rather than one per leaf) keeps compile time low.
-        if triggers:
-            all_units = jnp.concatenate(triggers)
-            num_clipped = jnp.sum(all_units, dtype=jnp.int32)
-            fraction = num_clipped.astype(jnp.float32) / all_units.size
-        else:
-            num_clipped = jnp.zeros([], jnp.int32)
-            fraction = jnp.zeros([], jnp.float32)
-        new_state = AdaptiveGradClipState(
-            clipped_fraction=fraction, num_clipped=num_clipped, per_param_clipped_fraction=per_param
+        new_grads, new_state = _clip_leaves(
+            paths, grads, weights, clip, axes, clipping, eps, track_per_param
         )
         return jax.tree.unflatten(treedef, new_grads), new_state
 

@@ -1,10 +1,4 @@
-"""Evaluation of NFNet parameters: top-1 / top-5 accuracy, data parallel over devices.
-
-`load_checkpoint` opens any checkpoint (zoo name, released pickle, `.npz`, timm `.pth`, or a
-training workdir) and returns its parameters with the `nfnet.NFNet` arguments that fit them;
-`evaluate_checkpoint` runs the paper's protocol on a dataset and reports the published
-numbers beside the measured ones; `format_table` prints such reports; `classify_files`
-labels image files.
+"""Evaluation: top-1 / top-5 accuracy, data parallel over devices, and evaluation reports.
 
 `evaluate(apply_fn, params, batches)` takes any parameter tree (a released checkpoint, a
 converted `.npz`, timm weights or a training state's params) and an iterable of batches
@@ -12,23 +6,27 @@ shaped like `data.pipeline.eval_iterator`'s: {"images": [D, B, H, W, 3] float,
 "labels": [D, B] int, "mask": [D, B]} with D = local devices. Padding examples (mask 0)
 are never counted, so each real example counts exactly once. Counts are summed across every
 device of every process with `parallel.psum`, so all processes return the global result.
+`evaluate_replicated` is the loop itself, which the trainer shares.
+
+`evaluate_checkpoint` runs the paper's protocol on a dataset for any checkpoint
+(`checkpoints.loading`) and reports the published numbers beside the measured ones;
+`format_table` prints such reports.
 """
 
 import dataclasses
-import os
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax import nfnet, parallel
-from nfnets_jax.checkpoints import released, tree, zoo
+from nfnets_jax import parallel
+from nfnets_jax.checkpoints import loading, tree, zoo
+from nfnets_jax.models import registry
 
-ApplyFn = Callable[[hk.Params, jax.Array], jax.Array]
+ApplyFn = registry.ApplyFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,40 +44,6 @@ class EvalResult:
     top5: float
     count: int
     loss: float
-
-
-def model_apply_fn(variant: str = "F0", num_classes: int = 1000, **model_kwargs: Any) -> ApplyFn:
-    """`apply(params, images) -> logits` of `nfnet.NFNet` in inference mode.
-
-    Args:
-      variant: the NFNet variant.
-      num_classes: classifier size.
-      **model_kwargs: further `nfnet.NFNet` arguments (numerics, width, depths, ...).
-    """
-
-    def forward(images: jax.Array) -> jax.Array:
-        model = nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)
-        return model(images, is_training=False)["logits"]
-
-    return hk.without_apply_rng(hk.transform(forward)).apply
-
-
-def init_params(
-    variant: str = "F0",
-    num_classes: int = 1000,
-    image_size: int = 32,
-    seed: int = 0,
-    **model_kwargs: Any,
-) -> hk.Params:
-    """Freshly initialised parameters of `nfnet.NFNet` (host numpy), e.g. for tests."""
-
-    def forward(images: jax.Array) -> jax.Array:
-        model = nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)
-        return model(images, is_training=False)["logits"]
-
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    params = hk.transform(forward).init(jax.random.PRNGKey(seed), images)
-    return jax.tree.map(np.array, params)  # Writable host copies.
 
 
 def batch_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -131,41 +95,40 @@ def _check_batch(batch: Mapping[str, Any], num_devices: int, index: int) -> None
         )
 
 
-def evaluate(
-    apply_fn: ApplyFn,
-    params: hk.Params,
+def evaluate_replicated(
+    eval_step: Callable[..., Any],
+    replicated_params: hk.Params,
     batches: Iterable[Mapping[str, Any]],
-    eval_step: Callable[..., Any] | None = None,
 ) -> EvalResult:
-    """Top-1 / top-5 accuracy of `params` over `batches`, data parallel with pmap.
+    """The evaluation loop: accuracy of already replicated parameters over `batches`.
+
+    The trainer calls it with its replicated (raw or EMA) parameters; `evaluate` replicates
+    host parameters first.
 
     Args:
-      apply_fn: `apply(params, images) -> logits`, e.g. from `model_apply_fn`.
-      params: the parameter tree (host or device arrays, not replicated).
+      eval_step: from `make_eval_step`.
+      replicated_params: parameters with a leading local-device axis (`parallel.replicate`).
       batches: {"images": [D, B, H, W, C], "labels": [D, B] int, "mask": [D, B]} with D the
         local device count; mask 0 marks padding.
-      eval_step: a step from `make_eval_step(apply_fn)`, to reuse its compilation.
 
     Returns:
       The accuracy over all masked-in examples of all processes.
 
     Raises:
-      ValueError: a batch is mis-shaped, a label is out of range, or nothing was counted.
+      ValueError: a batch is mis-shaped, or nothing was counted (an empty split).
     """
     num_devices = jax.local_device_count()
-    eval_step = eval_step or make_eval_step(apply_fn)
-    replicated = parallel.replicate(params)
     totals = {"count": 0.0, "top1": 0.0, "top5": 0.0, "loss": 0.0}
     for index, batch in enumerate(batches):
         _check_batch(batch, num_devices, index)
-        labels = np.asarray(batch["labels"]).astype(np.int32)
-        mask = np.asarray(batch["mask"]).astype(np.float32)
-        sums = eval_step(
-            replicated,
-            parallel.shard(
-                {"images": np.asarray(batch["images"], np.float32), "labels": labels, "mask": mask}
-            ),
+        sharded = parallel.shard(
+            {
+                "images": batch["images"],
+                "labels": np.asarray(batch["labels"]).astype(np.int32),
+                "mask": np.asarray(batch["mask"]).astype(np.float32),
+            }
         )
+        sums = eval_step(replicated_params, sharded)
         # Device sums are float32; adding per batch in float64 keeps counts exact.
         for key, value in parallel.unreplicate(sums).items():
             totals[key] += float(value)
@@ -180,77 +143,25 @@ def evaluate(
     )
 
 
-def predict_logits(apply_fn: ApplyFn, params: hk.Params, images: np.ndarray) -> np.ndarray:
-    """Logits for a small host batch of images [N, H, W, C] on one device (jit)."""
-    return np.asarray(jax.jit(apply_fn)(params, jnp.asarray(images, jnp.float32)))
-
-
-def load_workdir_params(workdir: str, step: int | None = None, ema: bool = True) -> hk.Params:
-    """Parameters from a training workdir's newest (or `step`) orbax checkpoint.
-
-    Args:
-      workdir: the trainer's workdir (checkpoints under `<workdir>/checkpoints/<step>`).
-      step: which checkpoint; the newest when None.
-      ema: take the EMA parameters when the checkpoint has them (the reference evaluates
-        both; EMA is usually better).
-
-    Returns:
-      The parameter tree, host numpy.
-    """
-    import orbax.checkpoint as ocp  # Optional dependency (the "train" extra).
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"No checkpoints directory in workdir {workdir}.")
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {directory}.")
-    state = manager.restore(int(step), args=ocp.args.StandardRestore())
-    manager.close()
-    state = state if isinstance(state, Mapping) else dataclasses.asdict(state)
-    for key in ("ema_params", "params") if ema else ("params",):
-        if key in state and state[key] is not None:
-            return jax.tree.map(np.asarray, state[key])
-    raise KeyError(f"Checkpoint {step} in {directory} has no 'params' (keys: {sorted(state)}).")
-
-
-def load_checkpoint(
-    checkpoint: str,
-    variant: str | None = None,
-    ema: bool = True,
-    progress: TextIO | None = sys.stderr,
-) -> tuple[hk.Params, dict[str, Any]]:
-    """Parameters of any checkpoint and the `nfnet.NFNet` arguments that fit them.
+def evaluate(
+    apply_fn: ApplyFn,
+    params: hk.Params,
+    batches: Iterable[Mapping[str, Any]],
+    eval_step: Callable[..., Any] | None = None,
+) -> EvalResult:
+    """Top-1 / top-5 accuracy of host `params` over `batches`, data parallel with pmap.
 
     Args:
-      checkpoint: a zoo name ("F0".."F6"), a released pickle, a `.npz` (`released.save_npz`),
-        a timm `.pth`, or a training workdir (its newest orbax checkpoint).
-      variant: the expected variant; None detects it from the parameters (custom trees get
-        explicit depths / widths).
-      ema: for workdirs, take the EMA parameters when present.
-      progress: stream for a zoo download's progress bar.
+      apply_fn: `apply(params, images) -> logits`, e.g. `registry.logits_fn(...)`.
+      params: the parameter tree (host or device arrays, not replicated).
+      batches: see `evaluate_replicated`.
+      eval_step: a step from `make_eval_step(apply_fn)`, to reuse its compilation.
 
     Returns:
-      (params, model_kwargs) where `model_kwargs` includes variant, num_classes and numerics
-      ("timm" for timm files, else "reference").
-
-    Raises:
-      CheckpointMismatchError: the parameters do not fit `variant` (listing the differences).
+      The accuracy over all masked-in examples of all processes.
     """
-    if os.path.isdir(checkpoint):
-        params, fmt = load_workdir_params(checkpoint, ema=ema), "orbax"
-    else:
-        path = zoo.resolve(checkpoint, progress=progress)
-        fmt = released.sniff_format(path)
-        params = released.load_params(path)
-    kwargs = tree.model_kwargs(params)
-    if variant is not None:
-        kwargs = {"variant": variant, "num_classes": kwargs["num_classes"]}
-    kwargs["numerics"] = "timm" if fmt == "torch" else "reference"
-    model_args = {k: v for k, v in kwargs.items() if k not in ("variant", "num_classes")}
-    tree.validate(params, kwargs["variant"], kwargs["num_classes"], **model_args)
-    return params, kwargs
+    eval_step = eval_step or make_eval_step(apply_fn)
+    return evaluate_replicated(eval_step, parallel.replicate(params), batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +225,7 @@ def evaluate_checkpoint(
     overrides it. Every example of the split is counted exactly once.
 
     Args:
-      checkpoint: see `load_checkpoint` (used as the report's label when `params` is given).
+      checkpoint: see `checkpoints.loading.load` (the report's label when `params` is given).
       dataset: a `data.pipeline` dataset: "imagenet2012", "digits", "tfds:<name>",
         "folder:<path>".
       variant: expected variant (None: detected).
@@ -333,16 +244,16 @@ def evaluate_checkpoint(
     from nfnets_jax.data import pipeline  # TensorFlow-based; imported only to evaluate.
 
     if params is None:
-        params, kwargs = load_checkpoint(checkpoint, variant=variant, ema=ema)
+        params, kwargs = loading.load(checkpoint, variant=variant, ema=ema)
     else:
         kwargs = dict(model_kwargs or tree.model_kwargs(params))
         kwargs.setdefault("numerics", "reference")
     if numerics is not None:
         kwargs["numerics"] = numerics
     kwargs["group_conv"] = group_conv
-    spec = nfnet.VARIANTS[kwargs["variant"]]
+    spec = registry.variant("NFNet", kwargs["variant"])
     custom = "depths" in kwargs
-    resolution = resolution or spec["test_imsize"]
+    resolution = resolution or spec.test_px
     global_batch_size = global_batch_size or 16 * jax.device_count()
     batches = pipeline.eval_iterator(
         dataset,
@@ -353,7 +264,7 @@ def evaluate_checkpoint(
         margin=margin,
         manual_dir=manual_dir,
     )
-    result = evaluate(model_apply_fn(**kwargs), params, batches)
+    result = evaluate(registry.logits_fn("NFNet", **kwargs), params, batches)
     pub = None if custom or dataset != "imagenet2012" else published(kwargs["variant"])
     return EvalReport(
         checkpoint=checkpoint,
@@ -363,7 +274,7 @@ def evaluate_checkpoint(
         result=result,
         published_top1=pub[0] if pub else None,
         published_top5=pub[1] if pub else None,
-        published_resolution=spec["test_imsize"] if pub else None,
+        published_resolution=spec.test_px if pub else None,
     )
 
 
@@ -412,53 +323,3 @@ def format_table(reports: Sequence[EvalReport]) -> str:
     return "\n".join(
         [line(header), line(tuple("-" * w for w in widths))] + [line(row) for row in rows]
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """The top classes of one image: (label index, class name, probability), best first."""
-
-    path: str
-    top: tuple[tuple[int, str, float], ...]
-
-
-def preprocess_files(paths: Sequence[str], resolution: int, margin: int = 32) -> np.ndarray:
-    """Image files -> normalised float32 [N, S, S, 3] with the evaluation protocol."""
-    from nfnets_jax.data import preprocess, tf_runtime  # TensorFlow-based.
-
-    tf = tf_runtime.import_tf()
-    images = []
-    for path in paths:
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            image = preprocess.eval_image(tf.constant(data), resolution, margin)
-        except tf.errors.InvalidArgumentError as e:
-            raise ValueError(f"Cannot decode image {path}: {e.message}") from e
-        images.append(preprocess.normalize(image, tf.float32).numpy())
-    return np.stack(images)
-
-
-def classify_files(
-    apply_fn: ApplyFn,
-    params: hk.Params,
-    paths: Sequence[str],
-    class_names: Sequence[str],
-    resolution: int,
-    top_k: int = 5,
-    margin: int = 32,
-) -> list[Prediction]:
-    """The `top_k` most probable classes of each image file (softmax probabilities)."""
-    logits = predict_logits(apply_fn, params, preprocess_files(paths, resolution, margin))
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
-    if len(class_names) != probs.shape[-1]:
-        raise ValueError(
-            f"{len(class_names)} class names for a model with {probs.shape[-1]} classes."
-        )
-    predictions = []
-    for path, p in zip(paths, probs):
-        order = np.argsort(-p, kind="stable")[:top_k]
-        predictions.append(
-            Prediction(path, tuple((int(i), class_names[i], float(p[i])) for i in order))
-        )
-    return predictions

@@ -25,25 +25,14 @@ from typing import Any
 import jax
 import optax
 
-from nfnets_jax import agc
+from nfnets_jax import agc, treepaths
+from nfnets_jax.models import registry
 
 # Parameter names (last path component) of this project's Haiku modules.
 DECAY_PARAM_NAMES = frozenset({"w"})
 NO_DECAY_PARAM_NAMES = frozenset({"gain", "bias", "b", "skip_gain"})
 
 GROUP_LABELS = ("clip+decay", "clip_only", "decay_only", "none")
-
-
-def default_agc_mask(params: optax.Params) -> Any:
-    """AGC mask of the reference recipe: every leaf except the classifier weight.
-
-    Args:
-      params: Haiku parameters of an NFNet / NF-ResNet.
-
-    Returns:
-      A pytree of bools, True = clip (see :func:`nfnets_jax.agc.nfnet_mask`).
-    """
-    return agc.nfnet_mask(params)
 
 
 def default_decay_mask(params: optax.Params) -> Any:
@@ -63,7 +52,7 @@ def default_decay_mask(params: optax.Params) -> Any:
       ValueError: If a parameter's name is not one of the known names.
     """
     leaves, treedef = jax.tree.flatten(params)
-    paths = agc.param_paths(params)
+    paths = treepaths.param_paths(params)
     decay = []
     for path in paths:
         name = path.rsplit("/", 1)[-1]
@@ -80,11 +69,6 @@ def default_decay_mask(params: optax.Params) -> Any:
     return jax.tree.unflatten(treedef, decay)
 
 
-def _resolve(mask: Any, params: optax.Params, what: str) -> list[bool]:
-    # The same broadcasting as adaptive_grad_clip's, so groups == what the optimizer does.
-    return [bool(v) for v in agc._per_leaf(mask, params, what)]
-
-
 def param_groups(
     params: optax.Params,
     agc_mask: Any | None = None,
@@ -98,15 +82,20 @@ def param_groups(
     Args:
       params: The parameter pytree.
       agc_mask: AGC mask (pytree or function of params, True = clip); None for
-        :func:`default_agc_mask`.
+        ``models.registry.agc_mask``.
       decay_mask: Weight-decay mask (True = decay); None for :func:`default_decay_mask`.
 
     Returns:
       A pytree with the structure of ``params`` whose leaves are ``'clip+decay'``,
       ``'clip_only'``, ``'decay_only'`` or ``'none'``.
     """
-    clip = _resolve(default_agc_mask if agc_mask is None else agc_mask, params, "agc_mask")
-    decay = _resolve(default_decay_mask if decay_mask is None else decay_mask, params, "decay_mask")
+    # The same broadcasting as the transforms', so the groups are what the optimizer does.
+    clip = treepaths.mask_values(
+        registry.agc_mask if agc_mask is None else agc_mask, params, "agc_mask"
+    )
+    decay = treepaths.mask_values(
+        default_decay_mask if decay_mask is None else decay_mask, params, "decay_mask"
+    )
     labels = [
         {
             (True, True): "clip+decay",
@@ -148,7 +137,7 @@ def make_optimizer(
         opt_state = opt.init(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics['agc_clipped_fraction'] = optim.clipped_fraction(opt_state)
+        metrics.update(optim.agc_metrics(opt_state))
 
     Args:
       learning_rate: A float or an optax schedule (step -> learning rate).
@@ -159,7 +148,7 @@ def make_optimizer(
       momentum: Momentum coefficient; None for plain SGD.
       nesterov: Nesterov momentum (reference: True).
       agc_mask: Which leaves AGC clips: pytree of bools or function of params, True = clip.
-        None = :func:`default_agc_mask` (all but ``'NFNet/~/linear/w'``).
+        None = ``models.registry.agc_mask`` (all but ``'NFNet/~/linear/w'``).
       decay_mask: Which leaves get weight decay, True = decay. None =
         :func:`default_decay_mask` (kernels ``w`` only).
       eps: AGC's floor on the weight norm.
@@ -175,7 +164,7 @@ def make_optimizer(
             agc.adaptive_grad_clip(
                 clipping,
                 eps,
-                mask=default_agc_mask if agc_mask is None else agc_mask,
+                mask=registry.agc_mask if agc_mask is None else agc_mask,
                 unit_axis=unit_axis,
                 track_per_param=track_per_param,
             )
@@ -188,21 +177,6 @@ def make_optimizer(
         )
     parts.append(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
     return optax.chain(*parts)
-
-
-def clipped_fraction(opt_state: optax.OptState) -> jax.Array:
-    """Fraction of units AGC rescaled in the last update, from a :func:`make_optimizer` state.
-
-    Args:
-      opt_state: The optimizer state (under ``pmap`` it has a leading device axis).
-
-    Returns:
-      Float32 scalar (per device under ``pmap``).
-
-    Raises:
-      ValueError: If the optimizer was built with AGC disabled.
-    """
-    return agc.clipped_fraction(opt_state)
 
 
 def agc_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:

@@ -1,4 +1,4 @@
-"""All pmap plumbing of the trainer: distributed start-up, device counts, replicate, shard.
+"""All device plumbing: distributed start-up, device counts, replicate, shard, prefetch.
 
 Data parallelism here is `jax.pmap` over the local devices of every process, with one named
 axis, `AXIS_NAME`, spanning every device of every host: `lax.pmean` over it averages across the
@@ -10,9 +10,10 @@ Keeping every pmap-aware helper in this one module keeps a later move to `jit` +
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -112,9 +113,13 @@ def per_device_batch_size(global_batch_size: int) -> int:
     return global_batch_size // devices
 
 
-def pmap(fn: Callable[..., Any], donate_argnums: tuple[int, ...] = ()) -> Callable[..., Any]:
-    """`jax.pmap` over the local devices with the trainer's named axis."""
-    return jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=donate_argnums)
+def pmap(
+    fn: Callable[..., Any],
+    donate_argnums: tuple[int, ...] = (),
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable[..., Any]:
+    """`jax.pmap` over the local devices (or `devices`) with the trainer's named axis."""
+    return jax.pmap(fn, axis_name=AXIS_NAME, donate_argnums=donate_argnums, devices=devices)
 
 
 def pmean(tree: Any) -> Any:
@@ -132,17 +137,20 @@ def device_index() -> jax.Array:
     return jax.lax.axis_index(AXIS_NAME)
 
 
-def _local_sharding() -> jax.sharding.NamedSharding:
-    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS_NAME,))
+def local_sharding(devices: Sequence[jax.Device] | None = None) -> jax.sharding.NamedSharding:
+    """Sharding of a [local_devices, ...] array: one leading slice per local device."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS_NAME,))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
 
 
-def replicate(tree: Any) -> Any:
-    """Copies a host pytree onto every local device (a new leading device axis)."""
-    n = jax.local_device_count()
-    sharding = _local_sharding()
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """Copies a host pytree onto every local device (or `devices`): a new leading axis."""
+    sharding = local_sharding(devices)
+    n = sharding.mesh.devices.size
     return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding), tree
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding),
+        tree,
     )
 
 
@@ -158,13 +166,40 @@ def unreplicate(tree: Any) -> Any:
     )
 
 
-def shard(batch: Any) -> Any:
+def shard(batch: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     """Puts a host batch shaped [local_devices, per_device, ...] onto the local devices."""
-    n = jax.local_device_count()
+    sharding = local_sharding(devices)
+    n = sharding.mesh.devices.size
     for leaf in jax.tree.leaves(batch):
         if np.shape(leaf)[0] != n:
             raise ValueError(f"Batch leading axis {np.shape(leaf)[0]} != local device count {n}.")
-    return jax.device_put(batch, _local_sharding())
+    return jax.device_put(batch, sharding)
+
+
+def prefetch_to_device(
+    iterator: Iterable[Any], size: int = 2, devices: Sequence[jax.Device] | None = None
+) -> Iterator[Any]:
+    """Yields host batches already placed on the local devices, `size` steps ahead.
+
+    Each numpy batch with leading axis = local devices is split along that axis and sent
+    with `jax.device_put` (asynchronous), so the copy of step t+1 overlaps the compute of
+    step t; the arrays can be passed straight to a `pmap`-ed step.
+
+    Args:
+      iterator: batches (pytrees) whose leaves have leading axis = number of `devices`.
+      size: batches kept in flight (2 is enough to overlap copy and compute).
+      devices: target devices (None: `jax.local_devices()`).
+
+    Raises:
+      ValueError: a leaf's leading axis is not the device count.
+    """
+    queue = collections.deque()
+    for batch in iterator:
+        queue.append(shard(batch, devices))
+        if len(queue) >= size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def per_device_value(value: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 r"""Times NFNet inference and training steps, optionally side by side with timm.
 
-  # F0 on CPU against timm's dm_nfnet_f0 (README "Performance"):
+  # F0 on CPU against timm's dm_nfnet_f0 (docs/performance.md):
   python scripts/benchmark.py --variant=F0 --batch_size=8 --inference_resolution=192 \
       --train_resolution=128 --compare=timm --repeats=5
   # Convolution backward passes side by side (training step, against timm):
@@ -13,7 +13,7 @@ r"""Times NFNet inference and training steps, optionally side by side with timm.
       --dtype=bfloat16 --remat=false,true
 
 All measurements of one invocation are compiled first, then timed round-robin (median of
---repeats rounds). Logic: nfnets_jax/benchmarking.py.
+--repeats rounds). Logic: nfnets_jax/bench/step.py (the trainer's own train step).
 """
 
 import json
@@ -21,7 +21,8 @@ import os
 
 from absl import app, flags
 
-from nfnets_jax import benchmarking
+from nfnets_jax import files
+from nfnets_jax.bench import step, step_report
 
 _VARIANT = flags.DEFINE_string("variant", "F0", "NFNet variant.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per step.")
@@ -34,7 +35,7 @@ _INFER_RES = flags.DEFINE_integer(
 _TRAIN_RES = flags.DEFINE_integer(
     "train_resolution", None, "Image size for train/grad/optimizer; default 128."
 )
-_DTYPE = flags.DEFINE_enum("dtype", "float32", list(benchmarking.DTYPES), "Compute dtype.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(step.DTYPES), "Compute dtype.")
 _GROUP_CONV = flags.DEFINE_list(
     "group_conv", ["auto"], "Grouped-conv strategies to compare: auto,native,split,dense."
 )
@@ -49,9 +50,7 @@ _DONATE = flags.DEFINE_list(
     ["true"],
     "Donate params and optimizer state to the step: true, false or both (true,false).",
 )
-_MODES = flags.DEFINE_list(
-    "modes", ["inference", "train"], f"Subset of {','.join(benchmarking.MODES)}."
-)
+_MODES = flags.DEFINE_list("modes", ["inference", "train"], f"Subset of {','.join(step.MODES)}.")
 _ITERS = flags.DEFINE_integer("iters", 1, "Calls per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds (the median is reported).")
 _WARMUP = flags.DEFINE_integer(
@@ -87,7 +86,7 @@ def main(argv: list[str]) -> None:
     if json_dir and not os.path.isdir(json_dir):  # Fail before a long run, not after it.
         raise app.UsageError(f"--json: directory {json_dir!r} does not exist.")
     res = _RESOLUTION.value
-    configs = benchmarking.build_configs(
+    configs = step.build_configs(
         group_convs=_GROUP_CONV.value,
         conv_grads=_CONV_GRAD.value,
         remats=[_bool(r, "remat") for r in _REMAT.value],
@@ -104,12 +103,12 @@ def main(argv: list[str]) -> None:
         num_classes=_NUM_CLASSES.value,
         model_kwargs=json.loads(_MODEL_KWARGS.value),
     )
-    result = benchmarking.run(
+    result = step.run(
         configs, compare_timm=_COMPARE.value == "timm", timm_channels_last=_TIMM_CHANNELS_LAST.value
     )
-    print(benchmarking.format_table(result))
+    print(step_report.format_table(result))
     if _JSON.value:
-        benchmarking.write_json(result, _JSON.value)
+        files.write_json(_JSON.value, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 r"""Times every distinct convolution of an NFNet (forward + backward), per `conv_grad`
 implementation and optionally in PyTorch, and sums them weighted by how often they occur.
 
-  # F0's convolutions at the CPU training benchmark's size (README "Performance"):
+  # F0's convolutions at the CPU training benchmark's size (docs/performance.md):
   python scripts/benchmark_layers.py --variant=F0 --batch_size=8 --resolution=128 \
       --conv_grad=xla,matmul --compare=torch --repeats=9 --iters=5
 
-Logic and what exactly is timed: nfnets_jax/layer_benchmark.py.
+Logic and what exactly is timed: nfnets_jax/bench/layers.py.
 """
 
 import json
 
 from absl import app, flags
 
-from nfnets_jax import benchmarking, layer_benchmark, layers
+from nfnets_jax import files
+from nfnets_jax.bench import layers as layer_bench
+from nfnets_jax.bench import step
+from nfnets_jax.models import layers
 
 _VARIANT = flags.DEFINE_string("variant", "F0", "NFNet variant.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per call.")
@@ -32,7 +35,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        config = benchmarking.BenchmarkConfig(
+        config = step.BenchmarkConfig(
             variant=_VARIANT.value,
             batch_size=_BATCH.value,
             train_resolution=_RESOLUTION.value,
@@ -43,17 +46,16 @@ def main(argv: list[str]) -> None:
             layers.resolve_conv_grad(impl)
     except (ValueError, json.JSONDecodeError) as err:
         raise app.UsageError(str(err)) from err
-    result = layer_benchmark.run(
+    result = layer_bench.run(
         config, _CONV_GRAD.value, _COMPARE.value == "torch", _REPEATS.value, iters=_ITERS.value
     )
     print(
         f"{config.variant}, batch {config.batch_size} @ {config.train_resolution} px, "
         f"group_conv={config.group_conv}: forward + backward per convolution"
     )
-    print(layer_benchmark.format_table(result))
+    print(layer_bench.format_table(result))
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(result, f, indent=1)
+        files.write_json(_JSON.value, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ python scripts/model_info.py --variants=F0,F1 --resolution=224
 
 from absl import app, flags
 
-from nfnets_jax import counting, nfnet, nfresnet
+from nfnets_jax.models import counting, registry, variants
 
-_VARIANTS = flags.DEFINE_list("variants", list(nfnet.VARIANTS), "Variants to count.")
+_VARIANTS = flags.DEFINE_list("variants", list(variants.NFNET), "Variants to count.")
 _RESOLUTION = flags.DEFINE_integer(
-    "resolution", 0, "Input size; 0 = each NFNet's test size (224 for NF-ResNets)."
+    "resolution", 0, "Input size; 0 = each variant's test size (224 for NF-ResNets)."
 )
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
 
@@ -19,15 +19,10 @@ def main(argv):
     del argv
     print(f"{'variant':<10} {'px':>4} {'params':>13} {'modules':>8} {'GMACs':>9}")
     for variant in _VARIANTS.value:
-        if variant in nfresnet.VARIANTS:
-            build, default_px = nfresnet.NFResNet, 224
-        else:
-            build = nfnet.NFNet
-            default_px = nfnet.check_variant(variant, nfnet.VARIANTS)["test_imsize"]
-        px = _RESOLUTION.value or default_px
-        counts = counting.model_counts(
-            lambda x, b=build, v=variant: b(_NUM_CLASSES.value, v)(x, is_training=False), px
-        )
+        model_name, spec = registry.find_variant(variant)
+        px = _RESOLUTION.value or spec.test_px
+        model = registry.build_forward(model_name, num_classes=_NUM_CLASSES.value, variant=variant)
+        counts = counting.model_counts(model, px)
         print(
             f"{variant:<10} {px:>4} {counts['params']:>13,} {counts['modules']:>8} "
             f"{counts['macs'] / 1e9:>9.2f}"

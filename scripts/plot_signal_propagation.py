@@ -6,7 +6,7 @@ python scripts/plot_signal_propagation.py --variant=ResNet50 --out=/tmp/spp_r50.
 
 from absl import app, flags
 
-from nfnets_jax import nfnet, nfresnet, signal_prop
+from nfnets_jax.models import registry, signal_prop
 
 _VARIANT = flags.DEFINE_string(
     "variant", "F0", "An NFNet (F0..F7, F0+..F7+) or NF-ResNet (ResNet26..ResNet600) variant."
@@ -20,13 +20,9 @@ _ALPHA = flags.DEFINE_float("alpha", 0.2, "Residual branch scale.")
 def main(argv):
     del argv
     variant, alpha = _VARIANT.value, _ALPHA.value
-    if variant in nfresnet.VARIANTS:
-        depths = nfresnet.VARIANTS[variant]["depth"]
-        model_fn = lambda: nfresnet.NFResNet(variant=variant, alpha=alpha)
-    else:
-        depths = nfnet.check_variant(variant, nfnet.VARIANTS)["depth"]
-        model_fn = lambda: nfnet.NFNet(variant=variant, alpha=alpha)
-    stats = signal_prop.measure(model_fn, depths, alpha, _RESOLUTION.value, _BATCH.value)
+    model_name, spec = registry.find_variant(variant)
+    model = registry.build_forward(model_name, variant=variant, alpha=alpha)
+    stats = signal_prop.measure(model, spec.depths, alpha, _RESOLUTION.value, _BATCH.value)
     signal_prop.plot(
         stats,
         _OUT.value,

@@ -12,8 +12,9 @@ label indices.
 
 from absl import app, flags
 
-from nfnets_jax import evaluation, nfnet
-from nfnets_jax.checkpoints import labels
+from nfnets_jax import predict
+from nfnets_jax.checkpoints import loading
+from nfnets_jax.models import registry
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint (zoo name, file, workdir).")
 _VARIANT = flags.DEFINE_string("variant", None, "Expected variant (default: detected).")
@@ -29,29 +30,19 @@ _NUMERICS = flags.DEFINE_enum(
 flags.mark_flag_as_required("checkpoint")
 
 
-def class_names(num_classes: int) -> list[str]:
-    """Names from --labels, ImageNet's for 1000 classes, else "class <i>"."""
-    if _LABELS.value:
-        with open(_LABELS.value, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    if num_classes == labels.NUM_CLASSES:
-        return labels.imagenet_names()
-    return [f"class {i}" for i in range(num_classes)]
-
-
 def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise app.UsageError("Give one or more image files to classify.")
-    params, kwargs = evaluation.load_checkpoint(_CHECKPOINT.value, variant=_VARIANT.value)
+    params, kwargs = loading.load(_CHECKPOINT.value, variant=_VARIANT.value)
     if _NUMERICS.value:
         kwargs["numerics"] = _NUMERICS.value
-    resolution = _RESOLUTION.value or nfnet.VARIANTS[kwargs["variant"]]["test_imsize"]
-    predictions = evaluation.classify_files(
-        evaluation.model_apply_fn(**kwargs),
+    resolution = _RESOLUTION.value or registry.variant("NFNet", kwargs["variant"]).test_px
+    predictions = predict.classify_files(
+        registry.logits_fn("NFNet", **kwargs),
         params,
         paths,
-        class_names(kwargs["num_classes"]),
+        predict.class_names(kwargs["num_classes"], _LABELS.value),
         resolution,
         top_k=_TOP_K.value,
     )

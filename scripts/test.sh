@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ruff check .
 ruff format --check .
-python -m pytest -q -n 2 --durations=15 tests "$@"
+python -m pytest -q -n 2 --dist loadgroup --durations=15 tests "$@"

@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nfnets_jax import parallel, train
+from nfnets_jax.train import recipe
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/imagenet_nfnet.py:F1.", lock_config=True
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_DropLibraryChatter())
-    train.validate_config(_CONFIG.value)  # Fail fast, before waiting for other hosts.
+    recipe.validate_config(_CONFIG.value)  # Fail fast, before waiting for other hosts.
     parallel.initialize_distributed(
         _COORDINATOR.value,
         _NUM_PROCESSES.value,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import activations
+from nfnets_jax.models import activations
 
 _N = 1 << 20
 

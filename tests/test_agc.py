@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfnets_jax import agc, nfnet
+from nfnets_jax import agc, treepaths
+from nfnets_jax.models import nfnet, registry
 
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 CLASSIFIER_W = "NFNet/~/linear/w"
@@ -199,7 +200,7 @@ def test_full_f0_tree_matches_numpy_reference():
     shapes = f0_shapes()
     params = random_tree(shapes, 0)
     grads = jax.tree.map(lambda x: x * np.float32(0.02), random_tree(shapes, 1))
-    tx = agc.adaptive_grad_clip(0.01, mask=agc.nfnet_mask)
+    tx = agc.adaptive_grad_clip(0.01, mask=registry.agc_mask)
     out, state = jax.jit(tx.update)(grads, tx.init(params), params)
     total_units = 0
     total_clipped = 0
@@ -209,7 +210,7 @@ def test_full_f0_tree_matches_numpy_reference():
         jax.tree.leaves(out),
         strict=True,
     ):
-        name = agc.path_to_str(path)
+        name = treepaths.path_to_str(path)
         o = np.asarray(o)
         if name == CLASSIFIER_W:
             np.testing.assert_array_equal(o, g, err_msg=name)
@@ -397,17 +398,19 @@ def fake_nfnet_params(prefix="NFNet"):
 @pytest.mark.parametrize("prefix", ["NFNet", "NF_ResNet", "outer/~/NFNet"])
 def test_nfnet_mask_excludes_only_the_classifier_weight(prefix):
     params = fake_nfnet_params(prefix)
-    mask = agc.nfnet_mask(params)
+    mask = registry.agc_mask(params)
     unclipped = [
-        p for p, m in zip(agc.param_paths(params), jax.tree.leaves(mask), strict=True) if not m
+        p
+        for p, m in zip(treepaths.param_paths(params), jax.tree.leaves(mask), strict=True)
+        if not m
     ]
     assert unclipped == [f"{prefix}/~/linear/w"]
 
 
 def test_nfnet_mask_on_real_f0_tree():
     shapes = f0_shapes()
-    mask = agc.nfnet_mask(shapes)
-    paths = agc.param_paths(shapes)
+    mask = registry.agc_mask(shapes)
+    paths = treepaths.param_paths(shapes)
     flags = dict(zip(paths, jax.tree.leaves(mask), strict=True))
     assert [p for p, m in flags.items() if not m] == [CLASSIFIER_W]
     assert flags["NFNet/~/linear/b"]
@@ -417,18 +420,22 @@ def test_nfnet_mask_on_real_f0_tree():
 
 def test_pattern_masks_regex_and_glob():
     params = fake_nfnet_params()
-    by_regex = agc.mask_from_patterns(params, exclude=[r".*/b", r".*/bias"])
-    by_glob = agc.mask_from_patterns(params, exclude=["*/b", "*/bias"], syntax="glob")
+    by_regex = treepaths.mask_from_patterns(params, exclude=[r".*/b", r".*/bias"])
+    by_glob = treepaths.mask_from_patterns(params, exclude=["*/b", "*/bias"], syntax="glob")
     assert by_regex == by_glob
     assert by_regex["NFNet/~/stem_conv0"] == {"w": True, "gain": True, "bias": False}
-    only_se = agc.mask_from_patterns(params, include="*squeeze_excite*", syntax="glob")
+    only_se = treepaths.mask_from_patterns(params, include="*squeeze_excite*", syntax="glob")
     assert [
-        p for p, m in zip(agc.param_paths(params), jax.tree.leaves(only_se), strict=True) if m
-    ] == [p for p in agc.param_paths(params) if "squeeze_excite" in p]
+        p for p, m in zip(treepaths.param_paths(params), jax.tree.leaves(only_se), strict=True) if m
+    ] == [p for p in treepaths.param_paths(params) if "squeeze_excite" in p]
     # Generic pytrees: lists, tuples and nested dicts get index / key paths.
     tree = {"params": [{"kernel": 1.0}, ({"kernel": 2.0, "bias": 3.0},)]}
-    assert agc.param_paths(tree) == ["params/0/kernel", "params/1/0/bias", "params/1/0/kernel"]
-    assert agc.mask_from_patterns(tree, exclude="params/1/0/kernel") == {
+    assert treepaths.param_paths(tree) == [
+        "params/0/kernel",
+        "params/1/0/bias",
+        "params/1/0/kernel",
+    ]
+    assert treepaths.mask_from_patterns(tree, exclude="params/1/0/kernel") == {
         "params": [{"kernel": True}, ({"kernel": False, "bias": True},)]
     }
 
@@ -436,14 +443,14 @@ def test_pattern_masks_regex_and_glob():
 def test_pattern_that_matches_nothing_lists_available_paths():
     params = fake_nfnet_params()
     with pytest.raises(ValueError, match=r"matched no parameter") as info:
-        agc.mask_from_patterns(params, exclude=["NFNet/~/head/w"])
+        treepaths.mask_from_patterns(params, exclude=["NFNet/~/head/w"])
     assert "NFNet/~/linear/w" in str(info.value)
     assert "NFNet/~/nf_block/skip_gain" in str(info.value)
-    tx = agc.adaptive_grad_clip(0.01, mask=agc.exclude_paths("NFNet/linear/w"))
+    tx = agc.adaptive_grad_clip(0.01, mask=treepaths.exclude_paths("NFNet/linear/w"))
     with pytest.raises(ValueError, match=r"\['NFNet/linear/w'\].*matched no parameter"):
         tx.init(params)
     with pytest.raises(ValueError, match="matched no parameter"):
-        agc.nfnet_mask({"MyNet/~/linear": {"w": np.ones(2)}})
+        registry.agc_mask({"MyNet/~/linear": {"w": np.ones(2)}})
 
 
 def test_mask_prefix_and_callable():

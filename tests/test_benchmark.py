@@ -1,4 +1,4 @@
-"""Tests of the speed benchmark (nfnets_jax/benchmarking.py, scripts/benchmark.py).
+"""Tests of the step benchmark (nfnets_jax/bench/step.py, scripts/benchmark.py).
 
 Everything runs at a tiny size: a 4-block NFNet at 32 px, batch 2, one timed call.
 """
@@ -8,18 +8,19 @@ import os
 import subprocess
 import sys
 
-import haiku as hk
 import jax
 import numpy as np
 import pytest
 
-from nfnets_jax import benchmarking, counting, nfnet
+from nfnets_jax import files
+from nfnets_jax.bench import step, step_report, timing, timm_model
+from nfnets_jax.models import counting, registry
 
 TINY = dict(widths=[32, 64, 128, 128], group_width=16, depths=[1, 1, 1, 1])
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides) -> benchmarking.BenchmarkConfig:
+def tiny_config(**overrides) -> step.BenchmarkConfig:
     fields = dict(
         batch_size=2,
         inference_resolution=32,
@@ -31,12 +32,11 @@ def tiny_config(**overrides) -> benchmarking.BenchmarkConfig:
         modes=("inference", "train"),
     )
     fields.update(overrides)
-    return benchmarking.BenchmarkConfig(**fields)
+    return step.BenchmarkConfig(**fields)
 
 
 def tiny_macs() -> int:
-    model = lambda x: nfnet.NFNet(variant="F0", **TINY)(x, is_training=False)
-    return counting.model_counts(model, 32)["macs"]
+    return counting.model_counts(registry.build_forward("NFNet", variant="F0", **TINY), 32)["macs"]
 
 
 def check_row(row: dict, macs: int) -> None:
@@ -59,7 +59,7 @@ def test_jax_benchmark_tiny_reports_sane_rows(tmp_path):
     config = tiny_config(
         modes=("inference", "train", "optimizer"), group_conv="native", conv_grad="matmul"
     )
-    result = benchmarking.run([config])
+    result = step.run([config])
     rows = {r["mode"]: r for r in result["rows"]}
     assert set(rows) == {"inference", "train", "optimizer"}
     macs = tiny_macs()
@@ -71,16 +71,16 @@ def test_jax_benchmark_tiny_reports_sane_rows(tmp_path):
     assert rows["train"]["xla_memory_bytes"] > 0
     share = result["optimizer_share"][0]
     assert share["share"] == pytest.approx(rows["optimizer"]["time_s"] / rows["train"]["time_s"])
-    table = benchmarking.format_table(result)
+    table = step_report.format_table(result)
     assert "inference" in table and "train" in table and "optimizer (AGC" in table
     path = tmp_path / "bench.json"
-    benchmarking.write_json(result, str(path))
+    files.write_json(str(path), result)
     assert json.loads(path.read_text())["rows"][0]["macs_per_image"] == macs
 
 
 @pytest.mark.slow
 def test_script_compare_timm_tiny(tmp_path):
-    available, reason = benchmarking.timm_available()
+    available, reason = timm_model.available()
     if not available:
         pytest.skip(reason)
     path = tmp_path / "bench.json"
@@ -125,21 +125,21 @@ def test_script_compare_timm_tiny(tmp_path):
         assert ratio["conv_grad"] == "matmul"
         assert ratio["ratio"] == pytest.approx(ratio["jax_s"] / ratio["timm_s"])
         assert ratio["paired_ratio"] > 0
-    assert result["environment"]["torch_threads"] == benchmarking.cpu_cores()
+    assert result["environment"]["torch_threads"] == timing.cpu_cores()
 
 
 def test_timm_model_matches_tiny_shape():
-    available, reason = benchmarking.timm_available()
+    available, reason = timm_model.available()
     if not available:
         pytest.skip(reason)
-    model = benchmarking.make_timm_model(tiny_config(), is_training=False)
+    model = timm_model.make_model(tiny_config(), is_training=False)
     assert [len(stage) for stage in model.stages] == TINY["depths"]
     assert model.num_features == 2 * TINY["widths"][-1]
 
 
 def test_remat_puts_each_block_under_checkpoint():
     config = tiny_config(remat=True)
-    transformed = hk.transform(benchmarking.make_forward(config))
+    transformed = config.model()
     images = jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)
     params = jax.eval_shape(
         lambda r, x: transformed.init(r, x, True), jax.random.PRNGKey(0), images
@@ -154,11 +154,11 @@ def test_remat_puts_each_block_under_checkpoint():
 
 
 def test_peak_flops_table():
-    assert benchmarking.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert benchmarking.peak_flops("TPU v4", "bfloat16") == 275e12
-    assert benchmarking.peak_flops("TPU v5 lite", "bfloat16") == 197e12
-    assert benchmarking.peak_flops("Tesla V100-SXM2-16GB", "float32") == 15.7e12
-    assert benchmarking.peak_flops("cpu", "float32") is None
+    assert timing.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert timing.peak_flops("TPU v4", "bfloat16") == 275e12
+    assert timing.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+    assert timing.peak_flops("Tesla V100-SXM2-16GB", "float32") == 15.7e12
+    assert timing.peak_flops("cpu", "float32") is None
 
 
 def test_config_validation_names_the_problem():
@@ -172,20 +172,20 @@ def test_config_validation_names_the_problem():
         tiny_config(conv_grad="cudnn")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         tiny_config(batch_size=0)
-    with pytest.raises(ValueError, match="Unknown variant 'F9'"):
+    with pytest.raises(ValueError, match="Unknown NFNet variant 'F9'"):
         tiny_config(variant="F9")
 
 
 def test_timm_has_no_plus_variants():
-    available, reason = benchmarking.timm_available()
+    available, reason = timm_model.available()
     if not available:
         pytest.skip(reason)
     with pytest.raises(ValueError, match="timm has no 'dm_nfnet_f0\\+' equivalent"):
-        benchmarking.make_timm_model(tiny_config(variant="F0+"), is_training=False)
+        timm_model.make_model(tiny_config(variant="F0+"), is_training=False)
 
 
 def test_build_configs_crosses_strategies_and_remat():
-    configs = benchmarking.build_configs(["native", "dense"], [False, True], batch_size=4)
+    configs = step.build_configs(["native", "dense"], [False, True], batch_size=4)
     assert [(c.group_conv, c.remat) for c in configs] == [
         ("native", False),
         ("native", True),
@@ -193,7 +193,7 @@ def test_build_configs_crosses_strategies_and_remat():
         ("dense", True),
     ]
     assert all(c.batch_size == 4 for c in configs)
-    configs = benchmarking.build_configs(["split"], conv_grads=["xla", "matmul"])
+    configs = step.build_configs(["split"], conv_grads=["xla", "matmul"])
     assert [(c.group_conv, c.conv_grad) for c in configs] == [("split", "xla"), ("split", "matmul")]
 
 
@@ -205,12 +205,10 @@ def test_round_robin_rotates_the_order_every_round():
             calls.append(name)
             return np.zeros(())
 
-        return benchmarking.Prepared(
-            "timm", "train", 0, benchmarking.BenchmarkConfig(), call, None, 0.0, 1, "cpu"
-        )
+        return timing.Timed(name, call)
 
     items = [item(n) for n in "abc"]
-    benchmarking.time_round_robin(items, iters=1, repeats=4, warmup=1)
+    timing.round_robin(items, repeats=4, warmup=1, iters=1)
     assert calls[:3] == list("abc")  # Warm-up, in order.
     assert calls[3:] == list("abcbcacababc")
     assert all(len(i.times) == 4 for i in items)

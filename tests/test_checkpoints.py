@@ -10,8 +10,9 @@ import dill
 import jax
 import numpy as np
 import pytest
+from absl import app
 
-from nfnets_jax.checkpoints import errors, released, safe_pickle, tree
+from nfnets_jax.checkpoints import errors, loading, released, safe_pickle, tree
 
 TINY = dict(depths=(1, 1, 1, 1), widths=(16, 32, 32, 32), group_width=8)
 
@@ -178,7 +179,7 @@ def test_truncated_and_non_pickle_files(tmp_path, tiny_params):
     with pytest.raises(errors.CheckpointFormatError, match="is not a pickle"):
         released.load_released(str(empty))
     with pytest.raises(errors.CheckpointFormatError, match="format"):
-        released.load_params(str(text))
+        loading.load_params(str(text))
 
 
 def test_non_mapping_pickle_is_refused(tmp_path):
@@ -197,10 +198,10 @@ def test_convert_to_npz_and_load_params_any_format(tmp_path, tiny_params):
         assert "NFNet/~/nf_block_1/~/conv1/w" in archive.files
         assert "NFNet/~/nf_block/skip_gain" in archive.files
     assert_trees_equal(released.load_npz(dst), tiny_params)
-    assert released.sniff_format(str(src)) == "pickle"
-    assert released.sniff_format(dst) == "npz"
-    assert_trees_equal(released.load_params(str(src)), tiny_params)
-    assert_trees_equal(released.load_params(dst), tiny_params)
+    assert loading.sniff_format(str(src)) == "pickle"
+    assert loading.sniff_format(dst) == "npz"
+    assert_trees_equal(loading.load_params(str(src)), tiny_params)
+    assert_trees_equal(loading.load_params(dst), tiny_params)
 
 
 def _shapes_as_arrays(shapes):
@@ -259,12 +260,16 @@ def test_command_line_info_and_to_npz(tmp_path, tiny_params, capsys):
 
     src = tmp_path / "tiny_haiku.npz"
     src.write_bytes(dill.dumps(tiny_params))
-    cli.main(["info", str(src)])
+    cli.main(["checkpoints", "info", str(src)])
     out = capsys.readouterr().out
     assert "format: pickle" in out and "depths [1, 1, 1, 1]" in out and "10 classes" in out
-    cli.main(["to-npz", str(src), str(tmp_path / "out.npz")])
+    cli.main(["checkpoints", "to-npz", str(src), str(tmp_path / "out.npz")])
     assert_trees_equal(released.load_npz(str(tmp_path / "out.npz")), tiny_params)
-    cli.main(["list"])
+    cli.main(["checkpoints", "list"])
+    with pytest.raises(app.UsageError, match="Unknown command .lst."):
+        cli.main(["checkpoints", "lst"])
+    with pytest.raises(app.UsageError, match="info takes 1 argument"):
+        cli.main(["checkpoints", "info"])
     assert "0a41039da1cb43adf47f1b7d86ddfe0f" in capsys.readouterr().out
 
 

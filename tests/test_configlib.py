@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from nfnets_jax import configlib, train
+from nfnets_jax import configlib
+from nfnets_jax.train import recipe, resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -63,10 +64,10 @@ def test_bad_variants_name_the_valid_ones():
     config = load("default.py")
     config.model.variant = "f0"  # What `--config.model.variant=f0` does.
     with pytest.raises(ValueError, match="Unknown NFNet variant 'f0'; valid variants: F0"):
-        train.validate_config(config)
+        recipe.validate_config(config)
     config.model_name = "ResNet"
     with pytest.raises(ValueError, match="Unknown model_name 'ResNet'; valid: NFNet, NFResNet"):
-        train.validate_config(config)
+        recipe.validate_config(config)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,7 @@ def record(**overrides):
     ],
 )
 def test_resume_changes_to_model_or_optimizer_structure_are_incompatible(key, value):
-    incompatible, harmless = configlib.resume_changes(record(), record(**{key: value}))
+    incompatible, harmless = resume.resume_changes(record(), record(**{key: value}))
     assert len(incompatible) == 1 and incompatible[0].startswith(f"{key}: ")
     assert repr(value) in incompatible[0] and not harmless
 
@@ -149,7 +150,7 @@ def test_resume_changes_to_model_or_optimizer_structure_are_incompatible(key, va
     ],
 )
 def test_resume_changes_that_keep_the_state_are_harmless(key, value):
-    incompatible, harmless = configlib.resume_changes(
+    incompatible, harmless = resume.resume_changes(
         record(), record(**{key: value, "plan.total_steps": 400})
     )
     assert not incompatible
@@ -157,4 +158,4 @@ def test_resume_changes_that_keep_the_state_are_harmless(key, value):
 
 
 def test_identical_records_have_no_changes():
-    assert configlib.resume_changes(record(), record()) == ([], [])
+    assert resume.resume_changes(record(), record()) == ([], [])

@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import configlib, nfnet, nfresnet, parallel, train
+from nfnets_jax import configlib, parallel
+from nfnets_jax.checkpoints import released
+from nfnets_jax.models import variants
+from nfnets_jax.train import recipe, resume, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -56,7 +59,7 @@ def test_configs_only_use_fields_declared_in_default(name, arg):
 
 def test_imagenet_f0_plan_reproduces_the_recipe():
     config = load("imagenet_nfnet.py", "F0")
-    plan = train.make_plan(config, 1000, 0)
+    plan = recipe.make_plan(config, 1000, 0)
     assert plan.peak_learning_rate == pytest.approx(1.6)
     assert plan.total_steps == 112_602
     assert plan.warmup_steps == int(5 * IMAGENET_EXAMPLES / 4096)
@@ -66,7 +69,7 @@ def test_imagenet_f0_plan_reproduces_the_recipe():
     assert config.clipping == 0.01 and config.momentum == 0.9 and config.nesterov
     assert config.model.stochdepth_rate == 0.25 and config.ema_decay == 0.99999
     assert config.dtype == "bfloat16" and not config.sam.enabled
-    small = train.make_plan(load("imagenet_nfnet.py", "variant=F0,batch_size=1024"), 1000, 0)
+    small = recipe.make_plan(load("imagenet_nfnet.py", "variant=F0,batch_size=1024"), 1000, 0)
     assert small.peak_learning_rate == pytest.approx(0.4)
     assert small.total_steps == int(360 * IMAGENET_EXAMPLES / 1024)
 
@@ -98,18 +101,16 @@ def test_command_line_override_typo_fails():
 
 def abstract_train_step(config, image_size=32, per_device_batch=2):
     """Traces init and one train step (no compute); returns the output shapes."""
-    plan = train.make_plan(config, 1000, IMAGENET_EXAMPLES)
-    model = train.build_model(config, 1000)
-    optimizer = train.make_optimizer(config, plan)
+    rec = recipe.build_recipe(config, (1000, IMAGENET_EXAMPLES))
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     params = jax.eval_shape(
-        functools.partial(model.init, is_training=True), jax.random.key(0), images
+        functools.partial(rec.model.init, is_training=True), jax.random.key(0), images
     )
-    state = train.TrainState(
+    state = steps.TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
         ema_params=params,
-        opt_state=jax.eval_shape(optimizer.init, params),
+        opt_state=jax.eval_shape(rec.optimizer.init, params),
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
     )
     batch = {
@@ -118,26 +119,18 @@ def abstract_train_step(config, image_size=32, per_device_batch=2):
         ),
         "labels": jax.ShapeDtypeStruct((1, per_device_batch, 1000), jnp.float32),
     }
-    step = functools.partial(
-        train.train_step,
-        model=model,
-        optimizer=optimizer,
-        schedule=train.make_schedule(plan),
-        policy=train.precision_policy(config),
-        label_smoothing=config.label_smoothing,
-        max_ema_decay=config.ema_decay,
-        use_sam=config.sam.enabled,
+    stepped = jax.vmap(
+        steps.bind_train_step(rec), in_axes=(None, 0, 0), axis_name=parallel.AXIS_NAME
     )
-    stepped = jax.vmap(step, in_axes=(None, 0, 0), axis_name=parallel.AXIS_NAME)
     return params, jax.eval_shape(stepped, state, batch, jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
-@pytest.mark.parametrize("variant", list(nfnet.VARIANTS))
+@pytest.mark.parametrize("variant", list(variants.NFNET))
 def test_every_nfnet_variant_traces_a_train_step(variant):
     config = load("imagenet_nfnet.py", variant)
     config.model.depths = (1, 1, 1, 1)  # Full widths, one block per stage, 32 px.
     params, (new_state, metrics) = abstract_train_step(config)
-    widths = nfnet.VARIANTS[variant]["width"]
+    widths = variants.NFNET[variant].widths
     assert params["NFNet/~/final_conv"]["w"].shape[-1] == 2 * widths[-1]
     # vmap adds the (size 1) device axis; master weights stay float32 under bfloat16 compute.
     assert jax.tree.map(lambda x: (x.shape[1:], x.dtype), new_state.params) == jax.tree.map(
@@ -151,11 +144,11 @@ def test_every_nfnet_variant_traces_a_train_step(variant):
 @pytest.mark.parametrize("variant", ["ResNet50", "ResNet200"])
 def test_nfresnet_config_traces_a_train_step(variant):
     config = load("imagenet_nfresnet.py", variant)
-    plan = train.make_plan(config, 1000, 0)
+    plan = recipe.make_plan(config, 1000, 0)
     assert (plan.train_image_size, plan.randaug_layers) == (224, 0)
     config.model.depths = (1, 1, 1, 1)
     params, (_, metrics) = abstract_train_step(config)
-    assert len(nfresnet.VARIANTS[variant]["depth"]) == 4
+    assert len(variants.NFRESNET[variant].depths) == 4
     assert "agc_clipped_fraction" in metrics
     assert any(k.endswith("~/linear") for k in params)
 
@@ -168,22 +161,9 @@ def test_reduced_f6_runs_one_sam_bfloat16_step():
     config.model.group_width = 16
     config.batch_size = 8
     assert config.sam.enabled and config.dtype == "bfloat16"
-    plan = train.make_plan(config, 10, 1000)
-    model = train.build_model(config, 10)
-    optimizer = train.make_optimizer(config, plan)
-    state = parallel.replicate(train.create_train_state(model, optimizer, 32, seed=0))
-    step = parallel.pmap(
-        functools.partial(
-            train.train_step,
-            model=model,
-            optimizer=optimizer,
-            schedule=train.make_schedule(plan),
-            policy=train.precision_policy(config),
-            label_smoothing=0.1,
-            max_ema_decay=0.99999,
-            use_sam=True,
-        )
-    )
+    rec = recipe.build_recipe(config, (10, 1000))
+    state = parallel.replicate(steps.create_train_state(rec.model, rec.optimizer, 32, seed=0))
+    step = parallel.pmap(steps.bind_train_step(rec))
     rng = np.random.default_rng(0)
     n = jax.local_device_count()
     batch = {
@@ -197,12 +177,11 @@ def test_reduced_f6_runs_one_sam_bfloat16_step():
 
 
 def test_finetune_takes_pretrained_weights_and_new_head(tmp_path):
-    from nfnets_jax.checkpoints import released
 
     config = load("finetune.py", "dataset=folder:/x,variant=F0")
     config.model.depths = (1, 1, 1, 1)
-    model_1000 = train.build_model(config, 1000)
-    model_10 = train.build_model(config, 10)
+    model_1000 = recipe.build_model(config, 1000)
+    model_10 = recipe.build_model(config, 10)
     images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     init = lambda m: jax.eval_shape(
         functools.partial(m.init, is_training=True), jax.random.key(0), images
@@ -213,7 +192,7 @@ def test_finetune_takes_pretrained_weights_and_new_head(tmp_path):
     )
     fresh = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), init(model_10))
     path = released.save_npz(pretrained, str(tmp_path / "pretrained.npz"))
-    params = train.load_pretrained(path, fresh)
+    params = resume.load_pretrained(path, fresh)
     np.testing.assert_array_equal(
         params["NFNet/~/stem_conv0"]["w"], pretrained["NFNet/~/stem_conv0"]["w"]
     )
@@ -222,31 +201,16 @@ def test_finetune_takes_pretrained_weights_and_new_head(tmp_path):
     del pretrained["NFNet/~/final_conv"]
     released.save_npz(pretrained, str(tmp_path / "broken.npz"))
     with pytest.raises(ValueError, match="has no parameter NFNet/~/final_conv/"):
-        train.load_pretrained(str(tmp_path / "broken.npz"), fresh)
+        resume.load_pretrained(str(tmp_path / "broken.npz"), fresh)
 
 
 def run_reduced_step(config, num_classes=10, image_size=32, batch=2):
     """Initialises a reduced model from `config` and runs one real train step on fake data
     (jit over a size-1 vmapped device axis: one CPU compilation, no pmap)."""
-    plan = train.make_plan(config, num_classes, 1000)
-    model = train.build_model(config, num_classes)
-    optimizer = train.make_optimizer(config, plan)
-    state = train.create_train_state(model, optimizer, image_size, seed=0)
+    rec = recipe.build_recipe(config, (num_classes, 1000))
+    state = steps.create_train_state(rec.model, rec.optimizer, image_size, seed=0)
     step = jax.jit(
-        jax.vmap(
-            functools.partial(
-                train.train_step,
-                model=model,
-                optimizer=optimizer,
-                schedule=train.make_schedule(plan),
-                policy=train.precision_policy(config),
-                label_smoothing=config.label_smoothing,
-                max_ema_decay=config.ema_decay,
-                use_sam=config.sam.enabled,
-            ),
-            in_axes=(None, 0, 0),
-            axis_name=parallel.AXIS_NAME,
-        )
+        jax.vmap(steps.bind_train_step(rec), in_axes=(None, 0, 0), axis_name=parallel.AXIS_NAME)
     )
     rng = np.random.default_rng(0)
     fake = {
@@ -257,12 +221,8 @@ def run_reduced_step(config, num_classes=10, image_size=32, batch=2):
     return state, new_state, metrics
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "name,arg",
-    [("imagenet_nfnet.py", v) for v in nfnet.VARIANTS] + [("imagenet_nfresnet.py", "ResNet50")],
-)
-def test_every_imagenet_config_runs_one_reduced_step(name, arg):
+def reduced(name, arg):
+    """An ImageNet config with one block per stage and small widths (everything else kept)."""
     config = load(name, arg)
     config.model.depths = (1, 1, 1, 1)
     if config.model_name == "NFNet":
@@ -270,7 +230,28 @@ def test_every_imagenet_config_runs_one_reduced_step(name, arg):
         config.model.group_width = 16
     else:
         config.model.width = 1
-    _, new_state, metrics = run_reduced_step(config)
+    return config
+
+
+def test_reduced_nfnet_configs_differ_from_f0_only_in_variant_and_sam():
+    # So the real reduced steps below (F0, and F6's SAM step above) cover every variant's
+    # program: the variant only sets the dropout rate (and train/test px, RandAugment, which
+    # the 32 px fake-data step does not use).
+    flat = lambda config: {key: config[key] for key in flat_keys(config)}
+    base = flat(reduced("imagenet_nfnet.py", "F0"))
+    for variant in variants.NFNET:
+        config = flat(reduced("imagenet_nfnet.py", variant))
+        changed = {key for key in base if config[key] != base[key]}
+        expected = set() if variant == "F0" else {"model.variant"}
+        assert changed == expected | ({"sam.enabled"} if variant == "F6" else set()), variant
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,arg", [("imagenet_nfnet.py", "F0"), ("imagenet_nfresnet.py", "ResNet50")]
+)
+def test_imagenet_configs_run_one_reduced_step(name, arg):
+    _, new_state, metrics = run_reduced_step(reduced(name, arg))
     assert np.isfinite(float(metrics["loss"][0]))
     # A real backward pass (the update itself is zero: warmup starts the lr at 0).
     assert 0 < float(metrics["grad_norm"][0]) < np.inf

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import conv_grad, layers, nfnet, nfresnet
+from nfnets_jax.models import conv_grad, layers, nfnet, nfresnet
 
 
 def _max_rel(a, b):
@@ -126,11 +126,12 @@ def _tiny_nfnet_grads(impl, group_conv):
 
     fwd = hk.transform(forward)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    params = fwd.init(jax.random.PRNGKey(1), x)
+    params = jax.jit(fwd.init)(jax.random.PRNGKey(1), x)
     # Non-zero skip gains, so every conv gets a gradient.
     params = jax.tree.map(lambda p: p + 0.3 if p.ndim == 0 else p, params)
-    loss = lambda p: jnp.sum(fwd.apply(p, None, x) ** 2)
-    return fwd.apply(params, None, x), jax.grad(loss)(params)
+    apply = lambda p: fwd.apply(p, None, x)
+    # Jitted: one compilation per program (eagerly, every primitive compiles on its own).
+    return jax.jit(apply)(params), jax.jit(jax.grad(lambda p: jnp.sum(apply(p) ** 2)))(params)
 
 
 @pytest.mark.parametrize("group_conv", ["split", "native"])
@@ -167,8 +168,8 @@ def test_nfresnet_accepts_conv_grad_and_matches():
             )(x, is_training=True)["logits"]
         )
         x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-        params = fwd.init(jax.random.PRNGKey(1), x)
-        return jax.grad(lambda p: jnp.sum(fwd.apply(p, None, x) ** 2))(params)
+        params = jax.jit(fwd.init)(jax.random.PRNGKey(1), x)
+        return jax.jit(jax.grad(lambda p: jnp.sum(fwd.apply(p, None, x) ** 2)))(params)
 
     for e, g in zip(jax.tree.leaves(grads("xla")), jax.tree.leaves(grads("matmul"))):
         np.testing.assert_allclose(g, e, rtol=2e-4, atol=1e-6 + 2e-5 * float(jnp.abs(e).max()))

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets_jax.data import device, pipeline, sources
+from nfnets_jax import parallel
+from nfnets_jax.data import pipeline, sources
 
 
 def _ids_source(n, size=4, seed=0):
@@ -203,7 +204,7 @@ def test_prefetch_to_device_feeds_pmap():
     )
     count = jax.pmap(lambda b: jax.lax.psum(b["mask"].sum(), "d"), axis_name="d")
     total = 0.0
-    for batch in device.prefetch_to_device(batches, size=2):
+    for batch in parallel.prefetch_to_device(batches, size=2):
         assert isinstance(batch["images"], jax.Array)
         assert len(batch["images"].sharding.device_set) == n
         total += float(count(batch)[0])
@@ -249,7 +250,7 @@ def test_digits_train_and_eval_preprocessing_agree():
 
 def test_importing_the_pipeline_does_not_import_tensorflow():
     code = (
-        "import sys; import nfnets_jax.data.pipeline, nfnets_jax.data.device; "
+        "import sys; import nfnets_jax.data.pipeline, nfnets_jax.parallel, nfnets_jax.agc; "
         "assert 'tensorflow' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -10,8 +10,14 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from nfnets_jax import checkpointing, evaluation, train
-from nfnets_jax.checkpoints import errors, released
+from nfnets_jax import evaluation, predict
+from nfnets_jax.checkpoints import errors, loading, released
+from nfnets_jax.checkpoints import workdir as workdir_ckpt
+from nfnets_jax.models import registry
+from nfnets_jax.train import steps
+
+# One worker runs this module (--dist loadgroup): its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("evaluate")
 
 TINY = dict(depths=(1, 1, 1, 1), widths=(16, 32, 32, 32), group_width=8)
 NUM_CLASSES = 7
@@ -19,7 +25,7 @@ NUM_CLASSES = 7
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    params = evaluation.init_params("F0", num_classes=NUM_CLASSES, seed=3, **TINY)
+    params = registry.init_params("NFNet", variant="F0", num_classes=NUM_CLASSES, seed=3, **TINY)
     # Non-zero skip gains and a larger classifier so every part of the net matters.
     rng = np.random.default_rng(0)
     for group in params.values():
@@ -33,7 +39,7 @@ def tiny_params():
 
 @pytest.fixture(scope="module")
 def apply_fn():
-    return evaluation.model_apply_fn("F0", NUM_CLASSES, **TINY)
+    return registry.logits_fn("NFNet", variant="F0", num_classes=NUM_CLASSES, **TINY)
 
 
 def _batches(images, labels, num_devices, per_device):
@@ -62,7 +68,7 @@ def test_evaluate_counts_every_example_once(tiny_params, apply_fn):
     assert devices == 8  # conftest's fake CPU devices: the pmap path is exercised.
     rng = np.random.default_rng(1)
     images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
-    logits = evaluation.predict_logits(apply_fn, tiny_params, images)
+    logits = np.asarray(jax.jit(apply_fn)(tiny_params, images))
     ranked = np.argsort(-logits, axis=-1)
     # Labels: the best class for 15 examples, the 4th best for 11, the worst for 11.
     labels = np.concatenate([ranked[:15, 0], ranked[15:26, 3], ranked[26:, -1]]).astype(np.int32)
@@ -113,9 +119,7 @@ def test_evaluate_checkpoint_files_end_to_end(tmp_path, tiny_params, apply_fn):
         for path in (npz, str(pickled))
     ]
     # Reference: the same preprocessing, one device, no padding.
-    logits = evaluation.predict_logits(
-        apply_fn, tiny_params, evaluation.preprocess_files(files, 32)
-    )
+    logits = np.asarray(jax.jit(apply_fn)(tiny_params, predict.preprocess_files(files, 32)))
     labels = np.array([int(os.path.basename(os.path.dirname(f))[5:]) for f in files])
     want_top1 = np.mean(np.argmax(logits, -1) == labels)
     for report in reports:
@@ -130,27 +134,27 @@ def test_evaluate_checkpoint_files_end_to_end(tmp_path, tiny_params, apply_fn):
 
 def test_load_checkpoint_from_workdir_prefers_ema(tmp_path, tiny_params):
     ema = {m: {p: v + 1 for p, v in g.items()} for m, g in tiny_params.items()}
-    state = train.TrainState(
+    state = steps.TrainState(
         step=np.int32(5),
         params=tiny_params,
         ema_params=ema,
         opt_state=(),
         rng=np.zeros(2, np.uint32),
     )
-    checkpointer = checkpointing.Checkpointer(str(tmp_path / "run"))
+    checkpointer = workdir_ckpt.Checkpointer(str(tmp_path / "run"))
     checkpointer.save(5, state)
     checkpointer.close()
-    params, kwargs = evaluation.load_checkpoint(str(tmp_path / "run"))
+    params, kwargs = loading.load(str(tmp_path / "run"))
     np.testing.assert_array_equal(params["NFNet/~/linear"]["w"], ema["NFNet/~/linear"]["w"])
     assert kwargs["depths"] == (1, 1, 1, 1) and kwargs["num_classes"] == NUM_CLASSES
-    raw, _ = evaluation.load_checkpoint(str(tmp_path / "run"), ema=False)
+    raw, _ = loading.load(str(tmp_path / "run"), ema=False)
     np.testing.assert_array_equal(raw["NFNet/~/linear"]["w"], tiny_params["NFNet/~/linear"]["w"])
 
 
 def test_load_checkpoint_names_variant_mismatch(tmp_path, tiny_params):
     path = released.save_npz(tiny_params, str(tmp_path / "tiny.npz"))
     with pytest.raises(errors.CheckpointMismatchError, match="variant F1 with 7 classes"):
-        evaluation.load_checkpoint(path, variant="F1")
+        loading.load(path, variant="F1")
 
 
 def _load_script(name):

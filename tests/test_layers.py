@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import layers
+from nfnets_jax.models import layers
 
 
 def test_weight_standardisation_zero_mean_and_unit_fan_in_variance():
@@ -57,7 +57,10 @@ def test_group_conv_strategies_agree_in_outputs_and_gradients(groups, kernel, st
             jnp.shape, params
         )
         loss = lambda p, x, f=fn: jnp.sum(jnp.sin(f.apply(p, None, x)))
-        results[strategy] = (fn.apply(params, None, x), jax.grad(loss, (0, 1))(params, x))
+        results[strategy] = (
+            jax.jit(fn.apply)(params, None, x),
+            jax.jit(jax.grad(loss, (0, 1)))(params, x),
+        )
     ref_out, ref_grads = results["native"]
     assert ref_out.shape == (2, 5 if stride == 2 else 9, 5 if stride == 2 else 9, 12)
     for strategy, (out, grads) in results.items():

@@ -1,12 +1,17 @@
 """NFNet family: exact parameter/module/MAC counts, the released tree, forward behaviour."""
 
+import types
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets_jax import counting, nfnet
+from nfnets_jax.models import counting, nfnet, registry, variants
+
+# One worker runs this module (--dist loadgroup): its module-scoped fixtures are built once.
+pytestmark = pytest.mark.xdist_group("nfnet")
 
 # REFERENCE §1: exact parameter counts (1000 classes) and module counts.
 PARAMS = {
@@ -91,17 +96,18 @@ def test_parameters_do_not_depend_on_group_conv_strategy():
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(GMACS))
 def test_mac_counts_match_the_paper(variant):
-    res = nfnet.VARIANTS[variant]["test_imsize"]
-    counts = counting.model_counts(lambda x: nfnet.NFNet(1000, variant)(x, is_training=False), res)
+    res = variants.NFNET[variant].test_px
+    counts = counting.model_counts(registry.build_forward("NFNet", variant=variant), res)
     assert round(counts["macs"] / 1e9, 2) == GMACS[variant]
 
 
 def test_variant_table():
-    assert len(nfnet.VARIANTS) == 16
-    f3 = nfnet.VARIANTS["F3"]
-    assert (f3["depth"], f3["train_imsize"], f3["test_imsize"]) == ([4, 8, 24, 12], 320, 416)
-    assert (f3["randaug_layers"], f3["randaug_magnitude"], f3["drop_rate"]) == (4, 15, 0.4)
-    assert nfnet.VARIANTS["F5+"]["width"] == [384, 768, 2048, 2048]
+    assert len(variants.NFNET) == 16
+    f3 = variants.NFNET["F3"]
+    assert (f3.depths, f3.train_px, f3.test_px) == ((4, 8, 24, 12), 320, 416)
+    assert (f3.randaug_layers, f3.randaug_magnitude, f3.drop_rate) == (4, 15, 0.4)
+    assert variants.NFNET["F5+"].widths == (384, 768, 2048, 2048)
+    assert variants.NFNET["F5+"].depths == variants.NFNET["F5"].depths
 
 
 def test_betas_follow_expected_std_bookkeeping():
@@ -120,7 +126,11 @@ def tiny():
     fn = hk.transform(lambda x, train, **kw: nfnet.NFNet(10, "F0", **TINY)(x, train, **kw))
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
     params = jax.jit(fn.init, static_argnums=2)(jax.random.PRNGKey(1), x, False)
-    return fn, params, x
+    # Jitted: one compilation per output set (eagerly, every primitive compiles on its own).
+    apply = jax.jit(
+        fn.apply, static_argnums=3, static_argnames=("return_features", "return_metrics")
+    )
+    return types.SimpleNamespace(init=fn.init, apply=apply), params, x
 
 
 def test_forward_outputs_and_features(tiny):
@@ -175,7 +185,7 @@ def test_timm_numerics_differ_slightly(tiny):
         for m, p in params.items()
     }
     ref = fn.apply(params, None, x, False)["pool"]
-    other = timm.apply(params, None, x)["pool"]
+    other = jax.jit(timm.apply)(params, None, x)["pool"]
     assert not np.allclose(ref, other, rtol=1e-6, atol=0)
     np.testing.assert_allclose(ref, other, rtol=0.05, atol=0.05)
 
@@ -183,7 +193,7 @@ def test_timm_numerics_differ_slightly(tiny):
 @pytest.mark.parametrize(
     "kwargs, images, error, match",
     [
-        (dict(variant="F9"), (1, 32, 32, 3), ValueError, "Unknown variant 'F9'.*F0, F0\\+, F1"),
+        (dict(variant="F9"), (1, 32, 32, 3), ValueError, "Unknown NFNet variant 'F9'.*F0, F0\\+"),
         (dict(numerics="torch"), (1, 32, 32, 3), ValueError, "Unknown numerics 'torch'"),
         (dict(group_conv="fastest"), (1, 32, 32, 3), ValueError, "Unknown group_conv"),
         (dict(drop_rate=1.5), (1, 32, 32, 3), ValueError, "drop_rate must be in"),

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from nfnets_jax import agc, counting, nfresnet
+from nfnets_jax.models import counting, nfresnet, registry
 
 
 def _shapes(variant, **kwargs):
@@ -29,9 +29,7 @@ def test_structure(variant, blocks):
 
 
 def test_resnet50_counts():
-    counts = counting.model_counts(
-        lambda x: nfresnet.NFResNet(1000, "ResNet50")(x, is_training=False), 224
-    )
+    counts = counting.model_counts(registry.build_forward("NFResNet", variant="ResNet50"), 224)
     # Same convolutions and classifier as a standard ResNet-50 (4.09 GMACs at 224 px).
     assert round(counts["macs"] / 1e9, 2) == 4.09
     assert counts["modules"] == 70
@@ -50,17 +48,17 @@ def test_forward_and_errors():
         )
     )
     x = jnp.ones((2, 32, 32, 3))
-    params = fn.init(jax.random.PRNGKey(0), x)
-    out = fn.apply(params, jax.random.PRNGKey(1), x)
+    params = jax.jit(fn.init)(jax.random.PRNGKey(0), x)
+    out = jax.jit(fn.apply)(params, jax.random.PRNGKey(1), x)
     assert out["logits"].shape == (2, 5)
     assert out["stage_3"].shape == (2, 1, 1, 512)
-    with pytest.raises(ValueError, match="Unknown variant 'ResNet34'.*ResNet50"):
+    with pytest.raises(ValueError, match="Unknown NFResNet variant 'ResNet34'.*ResNet50"):
         _shapes("ResNet34")
 
 
 def test_agc_mask_skips_exactly_the_classifier_weight():
     params = _shapes("ResNet26", use_se=True)
-    mask = agc.nfnet_mask(params)
+    mask = registry.agc_mask(params)
     unclipped = [m for m, leaves in mask.items() for name, v in leaves.items() if not v]
     assert unclipped == ["NF_ResNet/~/linear"]
     assert not mask["NF_ResNet/~/linear"]["w"] and mask["NF_ResNet/~/linear"]["b"]

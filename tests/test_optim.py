@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from nfnets_jax import agc, nfnet, optim
+from nfnets_jax import agc, optim, treepaths
+from nfnets_jax.models import nfnet
 
 CLASSIFIER_W = "NFNet/~/linear/w"
 
@@ -39,7 +40,7 @@ def expected_group(path: str, ndim: int) -> str:
 def test_param_groups_for_every_f0_leaf():
     shapes = f0_shapes()
     labels = optim.param_groups(shapes)
-    paths = agc.param_paths(shapes)
+    paths = treepaths.param_paths(shapes)
     assert len(paths) == 233
     for path, leaf, label in zip(
         paths, jax.tree.leaves(shapes), jax.tree.leaves(labels), strict=True
@@ -92,9 +93,9 @@ def np_unit_norms(x):
 def test_optimizer_applies_decay_and_clipping_to_the_labelled_groups():
     params = small_nfnet_params()
     labels = dict(
-        zip(agc.param_paths(params), jax.tree.leaves(optim.param_groups(params)), strict=True)
+        zip(treepaths.param_paths(params), jax.tree.leaves(optim.param_groups(params)), strict=True)
     )
-    paths = agc.param_paths(params)
+    paths = treepaths.param_paths(params)
     # Zero gradient, lr 1, no momentum: the update is -weight_decay * w exactly where decayed.
     tx = optim.make_optimizer(1.0, clipping=0.01, weight_decay=0.5, momentum=None)
     zeros = jax.tree.map(np.zeros_like, params)
@@ -117,12 +118,12 @@ def test_optimizer_applies_decay_and_clipping_to_the_labelled_groups():
             np.testing.assert_allclose(u, -g * bound / np_unit_norms(g), rtol=1e-5, err_msg=path)
         else:
             np.testing.assert_array_equal(u, -100.0, err_msg=path)
-    assert float(optim.clipped_fraction(state)) == 1.0
+    assert float(agc.clipped_fraction(state)) == 1.0
 
 
 def test_chain_matches_manual_reference_update():
     params = small_nfnet_params(1)
-    paths = agc.param_paths(params)
+    paths = treepaths.param_paths(params)
     rng = np.random.default_rng(2)
     lr, mu, wd, lam = 0.3, 0.9, 1e-2, 0.05
     tx = optim.make_optimizer(lr, clipping=lam, weight_decay=wd, momentum=mu, nesterov=True)
@@ -179,7 +180,7 @@ def test_agc_metrics_and_disabled_agc():
     state = no_agc.init(params)
     assert optim.agc_metrics(state) == {}
     with pytest.raises(ValueError, match="No adaptive_grad_clip state"):
-        optim.clipped_fraction(state)
+        agc.clipped_fraction(state)
 
 
 def test_custom_masks_for_non_haiku_trees():
@@ -189,9 +190,9 @@ def test_custom_masks_for_non_haiku_trees():
             "head": {"kernel": np.ones((4, 2), np.float32)},
         }
     }
-    agc_mask = agc.exclude_paths("params/head/kernel")
+    agc_mask = treepaths.exclude_paths("params/head/kernel")
     decay_mask = lambda p: jax.tree_util.tree_map_with_path(
-        lambda path, x: agc.path_to_str(path).endswith("kernel"), p
+        lambda path, x: treepaths.path_to_str(path).endswith("kernel"), p
     )
     labels = optim.param_groups(params, agc_mask=agc_mask, decay_mask=decay_mask)
     assert labels == {

@@ -8,8 +8,9 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from nfnets_jax import evaluation
+from nfnets_jax import predict
 from nfnets_jax.checkpoints import labels, released
+from nfnets_jax.models import registry
 
 TINY = dict(depths=(1, 1, 1, 1), widths=(16, 32, 32, 32), group_width=8)
 GOLDFISH, SHARK = 1, 2
@@ -18,7 +19,7 @@ GOLDFISH, SHARK = 1, 2
 @pytest.fixture(scope="module")
 def imagenet_tiny(tmp_path_factory):
     """A tiny 1000-class model whose classifier bias prefers goldfish, then the shark."""
-    params = evaluation.init_params("F0", num_classes=1000, seed=0, **TINY)
+    params = registry.init_params("NFNet", variant="F0", num_classes=1000, seed=0, **TINY)
     params["NFNet/~/linear"]["b"][GOLDFISH] = 9.0
     params["NFNet/~/linear"]["b"][SHARK] = 8.0
     root = tmp_path_factory.mktemp("predict")
@@ -48,8 +49,8 @@ def test_imagenet_names():
 
 def test_classify_files(imagenet_tiny):
     params, _, paths = imagenet_tiny
-    apply_fn = evaluation.model_apply_fn("F0", 1000, **TINY)
-    predictions = evaluation.classify_files(
+    apply_fn = registry.logits_fn("NFNet", variant="F0", num_classes=1000, **TINY)
+    predictions = predict.classify_files(
         apply_fn, params, paths, labels.imagenet_names(), resolution=32, top_k=5
     )
     assert [p.path for p in predictions] == paths
@@ -63,7 +64,7 @@ def test_classify_files(imagenet_tiny):
         bad = paths[0] + ".txt"
         with open(bad, "w") as f:
             f.write("not an image")
-        evaluation.classify_files(apply_fn, params, [bad], labels.imagenet_names(), 32)
+        predict.classify_files(apply_fn, params, [bad], labels.imagenet_names(), 32)
 
 
 def test_predict_script(imagenet_tiny, capsys):

@@ -1,14 +1,12 @@
-"""Tests of the per-op-kind step profile (nfnets_jax/profiling.py, scripts/profile_step.py)."""
+"""Tests of the per-op-kind step profile (nfnets_jax/bench/profile.py, scripts/profile_step.py)."""
 
 import dataclasses
-import importlib.util
-import os
 
 import pytest
 
-from nfnets_jax import benchmarking, profiling
+from nfnets_jax.bench import profile as bench_profile
+from nfnets_jax.bench import step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(widths=[32, 64, 128, 128], group_width=16, depths=[1, 1, 1, 1])
 
 HLO = """HloModule m
@@ -40,8 +38,8 @@ ENTRY %main (a: f32[8,8,8,4], b: f32[3,3,4,4]) -> f32[8,8,8,4] {
 
 
 def test_categorize_reads_the_hlo():
-    instructions, computations = profiling.hlo_index(HLO)
-    cat = lambda name: profiling.categorize(name, instructions, computations)
+    instructions, computations = bench_profile.hlo_index(HLO)
+    cat = lambda name: bench_profile.categorize(name, instructions, computations)
     assert cat("ynn_fusion.3") == "conv 3x3"
     assert cat("ynn_fusion.4") == "conv weight-grad (XLA)"
     # Convolutions outside fusions are read from their own line.
@@ -52,23 +50,13 @@ def test_categorize_reads_the_hlo():
     assert cat("not_in_the_module") == "other"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "profile_step", os.path.join(REPO, "scripts", "profile_step.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_profile_step_tiny_shows_what_matmul_grads_remove():
-    script = _load_script()
-    base = benchmarking.BenchmarkConfig(
+    base = step.BenchmarkConfig(
         batch_size=2, train_resolution=32, model_kwargs=TINY, group_conv="split"
     )
     results = {
-        impl: script.profile_one(dataclasses.replace(base, conv_grad=impl), "grad", 1)
+        impl: bench_profile.profile_mode(dataclasses.replace(base, conv_grad=impl), "grad", 1)
         for impl in ("xla", "matmul")
     }
     for result in results.values():
@@ -77,7 +65,7 @@ def test_profile_step_tiny_shows_what_matmul_grads_remove():
         assert sum(shares) == pytest.approx(1.0)
         assert shares == sorted(shares, reverse=True)
         assert any(row["category"].startswith("conv 3x3") for row in result["categories"])
-        text = profiling.format_profile(result, "tiny")
+        text = bench_profile.format_profile(result, "tiny")
         assert "wall time per call" in text and "conv 3x3" in text
     thunks = lambda impl, category: sum(
         row["thunks"] for row in results[impl]["categories"] if row["category"] == category

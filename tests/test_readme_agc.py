@@ -1,5 +1,6 @@
-"""Executes the Python examples of the README section "Use AGC in your own project" and
-checks what they promise against an independent numpy computation of the AGC rule."""
+"""Executes the Python examples of the docs/agc.md section "Use AGC in your own project" (and
+the README's short AGC example) and checks what they promise against an independent numpy
+computation of the AGC rule."""
 
 import pathlib
 import re
@@ -11,21 +12,29 @@ import pytest
 
 from nfnets_jax import agc
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+AGC_DOC = ROOT / "docs" / "agc.md"
+README = ROOT / "README.md"
 HEADING = "## Use AGC in your own project"
-EPS = 1e-3  # The paper's (and the README formula's default) floor on ||W_i||.
+EPS = 1e-3  # The paper's (and the docs formula's default) floor on ||W_i||.
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
 
 
 def agc_section_blocks() -> list[str]:
-    text = README.read_text()
-    assert HEADING in text, f"README.md lost its {HEADING!r} section"
+    text = AGC_DOC.read_text()
+    assert HEADING in text, f"docs/agc.md lost its {HEADING!r} section"
     section = text.split(HEADING, 1)[1]
     section = re.split(r"^## ", section, maxsplit=1, flags=re.MULTILINE)[0]
-    return re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
+    return python_blocks(section)
 
 
 BLOCKS = agc_section_blocks()
-# Per example: (lambda, the leaf the README leaves unclipped, output-unit axis).
+# The README's own AGC example (the front page's "AGC in your own project").
+README_AGC_BLOCKS = [b for b in python_blocks(README.read_text()) if "adaptive_grad_clip" in b]
+# Per example: (lambda, the leaf the example leaves unclipped, output-unit axis).
 PROMISES = {
     0: (0.01, "mlp/~/linear_1/w", -1),
     1: (0.01, "params/head/kernel", -1),
@@ -114,7 +123,7 @@ def check_agc_call(call, clipping, excluded, unit_axis):
 
 
 def optimizer_example_update(namespace, calls):
-    """One real update of the README's reference optimizer on a small NFNet-named tree."""
+    """One real update of the docs' reference optimizer on a small NFNet-named tree."""
     rng = np.random.default_rng(0)
     shapes = {
         "NFNet/~/stem_conv0": {"w": (3, 3, 3, 4), "gain": (4,), "bias": (4,)},
@@ -138,9 +147,9 @@ def optimizer_example_update(namespace, calls):
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs_and_clips_as_promised(index, agc_calls):
-    namespace = {"__name__": f"readme_agc_example_{index}"}
-    exec(compile(BLOCKS[index], f"README.md[AGC example {index}]", "exec"), namespace)
+def test_docs_example_runs_and_clips_as_promised(index, agc_calls):
+    namespace = {"__name__": f"docs_agc_example_{index}"}
+    exec(compile(BLOCKS[index], f"docs/agc.md[AGC example {index}]", "exec"), namespace)
     # Every example builds an optimizer state holding AGC statistics in [0, 1].
     state = agc.find_state(
         namespace["opt_state"] if "opt_state" in namespace else namespace["state"]
@@ -154,4 +163,15 @@ def test_readme_example_runs_and_clips_as_promised(index, agc_calls):
     assert len(agc_calls) == 1  # one update per example
     over, under = check_agc_call(agc_calls[0], *PROMISES[index])
     assert over > 0, "the example clips nothing"
+    assert float(fraction) == pytest.approx(over / (over + under))
+
+
+def test_readme_front_page_agc_example_runs_and_clips_as_promised(agc_calls):
+    assert len(README_AGC_BLOCKS) == 1, "README.md should hold one short AGC example"
+    namespace = {"__name__": "readme_agc_example"}
+    exec(compile(README_AGC_BLOCKS[0], "README.md[AGC example]", "exec"), namespace)
+    assert len(agc_calls) == 1
+    over, under = check_agc_call(agc_calls[0], *PROMISES[0])  # The Haiku MLP's promise.
+    assert over > 0, "the example clips nothing"
+    fraction = agc.clipped_fraction(namespace["opt_state"])
     assert float(fraction) == pytest.approx(over / (over + under))

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from nfnets_jax import nfnet, nfresnet, signal_prop
+from nfnets_jax.models import registry, signal_prop
 
 
 def test_expected_output_vars():
@@ -15,7 +15,10 @@ def test_expected_output_vars():
 
 def test_nf_resnet_tracks_the_expected_variance_per_block():
     stats = signal_prop.measure(
-        lambda: nfresnet.NFResNet(variant="ResNet26", width=2), [2, 2, 2, 2], resolution=64, batch=8
+        registry.build_forward("NFResNet", variant="ResNet26", width=2),
+        [2, 2, 2, 2],
+        resolution=64,
+        batch=8,
     )
     ratio = stats["avg_var"] / stats["expected_var"]
     assert np.all(np.abs(ratio - 1) < 0.2), ratio
@@ -28,14 +31,17 @@ def test_nf_resnet_tracks_the_expected_variance_per_block():
 def test_nfnet_first_stage_tracks_and_skip_gain_zero_is_identity():
     tiny = dict(widths=[128, 256, 384, 384], depths=[2, 1, 1, 1], group_width=64)
     stats = signal_prop.measure(
-        lambda: nfnet.NFNet(variant="F0", **tiny), tiny["depths"], resolution=32, batch=8
+        registry.build_forward("NFNet", variant="F0", **tiny),
+        tiny["depths"],
+        resolution=32,
+        batch=8,
     )
     # Stage 1 has no average-pool shortcut: the expected curve holds there. (At stride-2
     # transitions the 2x2 average pool divides the variance of spatially white features.)
     ratio = stats["avg_var"][:2] / stats["expected_var"][:2]
     assert np.all(np.abs(ratio - 1) < 0.3), ratio
     zero = signal_prop.measure(
-        lambda: nfnet.NFNet(variant="F0", **tiny),
+        registry.build_forward("NFNet", variant="F0", **tiny),
         tiny["depths"],
         resolution=32,
         batch=8,

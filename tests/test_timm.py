@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets_jax import evaluation
-from nfnets_jax.checkpoints import errors, released, timm_convert, tree
+from nfnets_jax.checkpoints import errors, loading, timm_convert, tree
+from nfnets_jax.models import registry
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_timm_f0_logits_match_and_round_trip(timm_module, tmp_path):
     tree.validate(params, "F0")
     assert tree.detect_variant(params) == "F0"
     nhwc = images.numpy().transpose(0, 2, 3, 1)
-    apply = evaluation.model_apply_fn("F0", numerics="timm", group_conv="native")
+    apply = registry.logits_fn("NFNet", variant="F0", numerics="timm", group_conv="native")
     got = np.asarray(jax.jit(apply)(params, nhwc))
     scale = np.abs(want).max()
     assert scale > 0.05
@@ -106,8 +106,8 @@ def test_timm_f0_logits_match_and_round_trip(timm_module, tmp_path):
     # Files: timm .pth files load through the generic loader (torch.load weights_only).
     path = str(tmp_path / "dm_nfnet_f0.pth")
     timm_convert.save_timm_checkpoint(params, path)
-    assert released.sniff_format(path) == "torch"
-    loaded = released.load_params(path)
+    assert loading.sniff_format(path) == "torch"
+    loaded = loading.load_params(path)
     for module, group in params.items():
         for name, value in group.items():
             np.testing.assert_array_equal(loaded[module][name], value)

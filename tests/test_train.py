@@ -17,10 +17,15 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets_jax import checkpointing, configlib, parallel, train
+from nfnets_jax import configlib, files, parallel, train
+from nfnets_jax.checkpoints import workdir as workdir_ckpt
+from nfnets_jax.train import loop, recipe, resume, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
+# One worker runs this whole module (scripts/test.sh: --dist loadgroup), so the module-scoped
+# baseline run below is trained once, not once per worker.
+pytestmark = pytest.mark.xdist_group("trainer")
 
 
 def tiny_config(**overrides):
@@ -75,7 +80,7 @@ def test_trains_with_finite_loss_and_identical_replicas(baseline):
     assert int(state.step) == 4
     w = state.params["NFNet/~/linear"]["w"]
     assert not np.array_equal(w, state.ema_params["NFNet/~/linear"]["w"])
-    assert checkpointing.Checkpointer(workdir).all_steps() == [2, 4]
+    assert workdir_ckpt.Checkpointer(workdir).all_steps() == [2, 4]
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     train_records = [r for r in records if r["split"] == "train"]
     assert {
@@ -99,9 +104,7 @@ def test_per_device_rngs_differ_and_ema_follows_formula(monkeypatch):
     # also returns each device's gradients and loss from before the cross-device mean.
     config = tiny_config()
     assert config.model.drop_rate > 0 and config.model.stochdepth_rate > 0
-    plan = train.make_plan(config, 10, 1437)
-    model = train.build_model(config, plan.num_classes)
-    optimizer = train.make_optimizer(config, plan)
+    rec = recipe.build_recipe(config, (10, 1437))
     real_pmean = parallel.pmean
     pending = {}
 
@@ -118,31 +121,20 @@ def test_per_device_rngs_differ_and_ema_follows_formula(monkeypatch):
     monkeypatch.setattr(parallel, "pmean", spy)
     n = jax.local_device_count()
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((plan.per_device_batch_size, 32, 32, 3)).astype(np.float32)
-    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, plan.per_device_batch_size)]
+    per_device = parallel.per_device_batch_size(config.batch_size)
+    images = rng.standard_normal((per_device, 32, 32, 3)).astype(np.float32)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, per_device)]
     batch = jax.tree.map(
         lambda x: np.broadcast_to(x, (n, *x.shape)), {"images": images, "labels": labels}
     )
 
     def run():
-        # A fresh state and a freshly traced step per run, as a new process would have.
-        # Bound as train_and_evaluate binds it (there with functools.partial).
-        p_train = parallel.pmap(
-            lambda s, b, r: train.train_step(
-                s,
-                b,
-                r,
-                model=model,
-                optimizer=optimizer,
-                schedule=train.make_schedule(plan),
-                policy=train.precision_policy(config),
-                label_smoothing=config.label_smoothing,
-                max_ema_decay=config.ema_decay,
-                use_sam=config.sam.enabled,
-            ),
-            donate_argnums=(0,),
+        # A fresh state and a freshly traced step per run, as a new process would have,
+        # bound as train_and_evaluate binds it.
+        p_train = parallel.pmap(steps.bind_train_step(rec), donate_argnums=(0,))
+        state = parallel.replicate(
+            steps.create_train_state(rec.model, rec.optimizer, 32, config.seed)
         )
-        state = parallel.replicate(train.create_train_state(model, optimizer, 32, config.seed))
         return jax.device_get(p_train(state, parallel.shard(batch), parallel.per_device_value(0)))
 
     state, metrics = run()
@@ -163,35 +155,24 @@ def test_per_device_rngs_differ_and_ema_follows_formula(monkeypatch):
     assert_trees_equal(metrics, metrics2)
     assert_trees_equal(state, state2)
 
-    decays = np.asarray(train.ema_decay(np.arange(3), 0.99999))
+    decays = np.asarray(steps.ema_decay(np.arange(3), 0.99999))
     np.testing.assert_allclose(decays, [1 / 10, 2 / 11, 3 / 12], rtol=1e-6)
-    assert float(train.ema_decay(np.asarray(10**7), 0.99999)) == pytest.approx(0.99999)
+    assert float(steps.ema_decay(np.asarray(10**7), 0.99999)) == pytest.approx(0.99999)
 
 
 @pytest.mark.slow
 def test_pmap_matches_single_device():
     # Without dropout / stochastic depth the update depends only on the global batch.
     config = tiny_config(**{"model.drop_rate": 0.0, "model.stochdepth_rate": 0.0})
-    plan = train.make_plan(config, 10, 1437)
-    model = train.build_model(config, plan.num_classes)
-    optimizer = train.make_optimizer(config, plan)
-    kwargs = dict(
-        model=model,
-        optimizer=optimizer,
-        schedule=train.make_schedule(plan),
-        policy=train.precision_policy(config),
-        label_smoothing=0.1,
-        max_ema_decay=0.99999,
-        use_sam=False,
-    )
-    state = train.create_train_state(model, optimizer, 32, seed=0)
-    batches = train.make_train_iterator(config, plan, 0)
+    rec = recipe.build_recipe(config, (10, 1437))
+    state = steps.create_train_state(rec.model, rec.optimizer, 32, seed=0)
+    batches = rec.train_batches(0)
     batches = [next(batches) for _ in range(2)]
 
     def run(devices, state):
         n = len(devices)
         fn = jax.pmap(
-            lambda s, b, r: train.train_step(s, b, r, **kwargs),
+            steps.bind_train_step(rec),
             axis_name=parallel.AXIS_NAME,
             devices=devices,
         )
@@ -221,7 +202,7 @@ def test_sigterm_saves_checkpoint_and_resume_matches(baseline, tmp_path):
 
     stopped = train.train_and_evaluate(config, workdir, step_hook=hook)
     assert stopped["preempted"] and stopped["step"] < 4
-    assert checkpointing.Checkpointer(workdir).latest_step() == stopped["step"]
+    assert workdir_ckpt.Checkpointer(workdir).latest_step() == stopped["step"]
     resumed = train.train_and_evaluate(config, workdir)
     assert resumed["step"] == 4 and not resumed["preempted"]
     assert_trees_equal(resumed["state"], expected["state"])
@@ -248,36 +229,35 @@ def test_killed_run_resumes_to_same_parameters(baseline, tmp_path):
         timeout=600,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert checkpointing.Checkpointer(workdir).latest_step() == 2
+    assert workdir_ckpt.Checkpointer(workdir).latest_step() == 2
     resumed = train.train_and_evaluate(tiny_config(), workdir)
     assert resumed["step"] == 4
     assert_trees_equal(resumed["state"], expected["state"])
 
 
 def _assert_good_checkpoints(workdir, config, failed_before):
-    checkpointer = checkpointing.Checkpointer(workdir)
-    steps = checkpointer.all_steps()
-    assert steps and steps[-1] < failed_before
-    plan = train.make_plan(config, 10, 1437)
-    model = train.build_model(config, 10)
-    template = train.create_train_state(model, train.make_optimizer(config, plan), 32, 0)
+    checkpointer = workdir_ckpt.Checkpointer(workdir)
+    saved = checkpointer.all_steps()
+    assert saved and saved[-1] < failed_before
+    rec = recipe.build_recipe(config, (10, 1437))
+    template = steps.create_train_state(rec.model, rec.optimizer, 32, 0)
     restored = checkpointer.restore(template._asdict())
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored["params"]))
 
 
 def test_nan_input_stops_with_message_and_keeps_good_checkpoint(tmp_path, monkeypatch):
-    real_iterator = train.make_train_iterator
+    real_iterator = recipe.Recipe.train_batches
 
-    def poisoned(config, plan, start_step, **kwargs):
-        for step, batch in enumerate(real_iterator(config, plan, start_step, **kwargs)):
+    def poisoned(self, start_step, **kwargs):
+        for step, batch in enumerate(real_iterator(self, start_step, **kwargs)):
             if start_step + step == 2:
                 batch = dict(batch, images=np.full_like(batch["images"], np.nan))
             yield batch
 
-    monkeypatch.setattr(train, "make_train_iterator", poisoned)
+    monkeypatch.setattr(recipe.Recipe, "train_batches", poisoned)
     config = tiny_config(checkpoint_every_steps=1)
     with pytest.raises(
-        train.NonFiniteLossError, match=r"Non-finite loss \(nan.*\) at step 3: stopping"
+        loop.NonFiniteLossError, match=r"Non-finite loss \(nan.*\) at step 3: stopping"
     ) as info:
         train.train_and_evaluate(config, str(tmp_path))
     assert "The last good checkpoint is step 2" in str(info.value)
@@ -288,21 +268,21 @@ def test_batch_not_divisible_by_device_count_is_rejected():
     with pytest.raises(
         ValueError, match="Global batch size 12 is not divisible by the total device count 8"
     ):
-        train.make_plan(tiny_config(batch_size=12), 10, 1437)
+        recipe.make_plan(tiny_config(batch_size=12), 10, 1437)
 
 
 def test_checkpointer_keeps_last_n_and_ignores_partial_saves(tmp_path):
-    checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=2)
+    checkpointer = workdir_ckpt.Checkpointer(str(tmp_path), keep=2)
     for step in (1, 2, 3):
         checkpointer.save(step, {"w": np.full((2,), step, np.float32)})
     # A save killed half way leaves only a temporary directory, never restored.
     os.makedirs(os.path.join(checkpointer.directory, "4.orbax-checkpoint-tmp-123"))
-    reopened = checkpointing.Checkpointer(str(tmp_path), keep=2)
+    reopened = workdir_ckpt.Checkpointer(str(tmp_path), keep=2)
     assert reopened.all_steps() == [2, 3]
     restored = reopened.restore({"w": np.zeros((2,), np.float32)})
     np.testing.assert_array_equal(restored["w"], [3.0, 3.0])
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
-        checkpointing.Checkpointer(str(tmp_path / "empty")).restore({"w": np.zeros(2)})
+        workdir_ckpt.Checkpointer(str(tmp_path / "empty")).restore({"w": np.zeros(2)})
 
 
 def _free_port():
@@ -343,12 +323,10 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
         assert "Replicas diverged" not in out
 
     config = tiny_config()
-    plan = train.make_plan(config, 10, 1437)
+    tiny = recipe.build_recipe(config, (10, 1437))
     # Each process reads its own, disjoint shard of every global batch.
     shards = [
-        train.make_train_iterator(
-            config, plan, 0, process_index=i, process_count=2, local_device_count=4
-        )
+        tiny.train_batches(0, process_index=i, process_count=2, local_device_count=4)
         for i in range(2)
     ]
     seen = [[next(s) for _ in range(4)] for s in shards]
@@ -357,24 +335,21 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
     assert not rows[0] & rows[1]
 
     # One process on the union of the two shards reproduces the two-process run.
-    real_iterator = train.make_train_iterator
+    real_iterator = recipe.Recipe.train_batches
 
-    def union_iterator(config, plan, start_step, **kwargs):
+    def union_iterator(self, start_step, **kwargs):
         its = [
-            real_iterator(
-                config, plan, start_step, process_index=i, process_count=2, local_device_count=4
-            )
+            real_iterator(self, start_step, process_index=i, process_count=2, local_device_count=4)
             for i in range(2)
         ]
         while True:
             parts = [next(it) for it in its]
             yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    monkeypatch.setattr(train, "make_train_iterator", union_iterator)
+    monkeypatch.setattr(recipe.Recipe, "train_batches", union_iterator)
     single = train.train_and_evaluate(config, str(tmp_path / "single"))
-    model = train.build_model(config, 10)
-    template = train.create_train_state(model, train.make_optimizer(config, plan), 32, 0)
-    multi = checkpointing.Checkpointer(workdir).restore(template._asdict())
+    template = steps.create_train_state(tiny.model, tiny.optimizer, 32, 0)
+    multi = workdir_ckpt.Checkpointer(workdir).restore(template._asdict())
     assert int(multi["step"]) == 4
     assert_trees_equal(multi["params"], single["state"].params, rtol=1e-5, atol=1e-6)
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -395,7 +370,7 @@ def test_bad_variant_fails_before_data_is_read_or_anything_written(tmp_path, mon
     def no_data(config):
         raise AssertionError("the dataset was opened before the config was validated")
 
-    monkeypatch.setattr(train, "dataset_info", no_data)
+    monkeypatch.setattr(recipe, "dataset_info", no_data)
     with pytest.raises(ValueError, match="Unknown NFNet variant 'F9'; valid variants: F0, F0"):
         train.train_and_evaluate(tiny_config(**{"model.variant": "F9"}), str(tmp_path))
     assert os.listdir(tmp_path) == []
@@ -407,7 +382,7 @@ def test_missing_eval_split_fails_at_start_up():
         match=r"Dataset 'digits' has no split 'validation'; "
         r"available: \['test', 'train'\]",
     ):
-        train.dataset_info(tiny_config(eval_split="validation"))
+        recipe.dataset_info(tiny_config(eval_split="validation"))
 
 
 def _copy_workdir(baseline, tmp_path):
@@ -429,7 +404,7 @@ def test_resume_with_another_model_or_optimizer_is_refused_before_any_write(base
     config = tiny_config(
         **{"model.widths": (64, 32, 32, 32), "sam.enabled": True, "log_every_steps": 2}
     )
-    with pytest.raises(train.ConfigMismatchError) as info:
+    with pytest.raises(resume.ConfigMismatchError) as info:
         train.train_and_evaluate(config, workdir)
     message = str(info.value)
     assert "holds checkpoint 4" in message
@@ -438,7 +413,7 @@ def test_resume_with_another_model_or_optimizer_is_refused_before_any_write(base
     assert "log_every_steps" not in message  # Harmless changes are not the problem.
     assert "new --workdir" in message and "--allow_config_change" in message
     assert _snapshot(workdir) == before  # config.json and metrics untouched.
-    assert checkpointing.Checkpointer(workdir).all_steps() == [2, 4]
+    assert workdir_ckpt.Checkpointer(workdir).all_steps() == [2, 4]
 
 
 def test_resume_with_harmless_changes_rewrites_config_atomically(baseline, tmp_path, monkeypatch):
@@ -451,7 +426,7 @@ def test_resume_with_harmless_changes_rewrites_config_atomically(baseline, tmp_p
         assert json.load(open(src))["config"]["log_every_steps"] == 3  # Complete first.
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpointing.os, "replace", spy)
+    monkeypatch.setattr(files.os, "replace", spy)
     config = tiny_config(log_every_steps=3, eval_every_steps=5, data_dir="/elsewhere/tfds")
     results = train.train_and_evaluate(config, workdir)
     assert results["step"] == 4  # Resumed at the end: nothing left to train.
@@ -464,18 +439,18 @@ def test_resume_with_harmless_changes_rewrites_config_atomically(baseline, tmp_p
 
 def test_check_resume_config_override_and_missing_record(tmp_path, caplog):
     config = tiny_config()
-    plan = train.make_plan(config, 10, 1437)
-    saved = train.config_record(config, plan)
-    checkpointing.write_json_atomic(str(tmp_path / "config.json"), saved)
-    changed = train.config_record(tiny_config(**{"model.group_width": 8}), plan)
-    with pytest.raises(train.ConfigMismatchError, match="config.model.group_width: 16 -> 8"):
-        train.check_resume_config(str(tmp_path), changed, checkpoint_step=4)
-    train.check_resume_config(str(tmp_path), changed, checkpoint_step=None)  # Nothing saved.
+    plan = recipe.make_plan(config, 10, 1437)
+    saved = resume.config_record(config, plan)
+    files.write_json(str(tmp_path / "config.json"), saved)
+    changed = resume.config_record(tiny_config(**{"model.group_width": 8}), plan)
+    with pytest.raises(resume.ConfigMismatchError, match="config.model.group_width: 16 -> 8"):
+        resume.check_resume_config(str(tmp_path), changed, checkpoint_step=4)
+    resume.check_resume_config(str(tmp_path), changed, checkpoint_step=None)  # Nothing saved.
     with caplog.at_level("WARNING"):
-        train.check_resume_config(str(tmp_path), changed, 4, allow_config_change=True)
+        resume.check_resume_config(str(tmp_path), changed, 4, allow_config_change=True)
     assert "config.model.group_width: 16 -> 8" in caplog.text
     os.remove(tmp_path / "config.json")
-    train.check_resume_config(str(tmp_path), changed, checkpoint_step=4)  # Warns only.
+    resume.check_resume_config(str(tmp_path), changed, checkpoint_step=4)  # Warns only.
 
 
 def test_write_json_atomic_leaves_the_old_file_on_failure(tmp_path):
@@ -484,15 +459,15 @@ def test_write_json_atomic_leaves_the_old_file_on_failure(tmp_path):
             raise RuntimeError("cannot serialise")
 
     path = str(tmp_path / "config.json")
-    checkpointing.write_json_atomic(path, {"a": 1})
+    files.write_json(path, {"a": 1})
     with pytest.raises(RuntimeError, match="cannot serialise"):
-        checkpointing.write_json_atomic(path, {"a": 2, "b": "x" * 10_000, "c": Unprintable()})
-    assert checkpointing.read_json(path) == {"a": 1}
+        files.write_json(path, {"a": 2, "b": "x" * 10_000, "c": Unprintable()})
+    assert files.read_json(path) == {"a": 1}
     assert os.listdir(tmp_path) == ["config.json"]
 
 
 def test_restore_refuses_a_checkpoint_of_other_shapes(tmp_path):
-    checkpointer = checkpointing.Checkpointer(str(tmp_path))
+    checkpointer = workdir_ckpt.Checkpointer(str(tmp_path))
     checkpointer.save(1, {"head": {"w": np.zeros((4, 10), np.float32)}, "b": np.zeros(3)})
     with pytest.raises(
         ValueError,

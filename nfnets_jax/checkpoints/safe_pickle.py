@@ -240,7 +240,7 @@ def load(f: BinaryIO, name: str = "<stream>") -> Any:
     if head != _PICKLE_PROTO:
         raise CheckpointFormatError(
             f"{name} is not a pickle (it starts with {head!r}, not b'\\x80'); expected a "
-            "released NFNet checkpoint. `released.load_params` also reads .npz and timm .pth."
+            "released NFNet checkpoint. `loading.load_params` also reads .npz and timm .pth."
         )
     f.seek(f.tell() - 1)
     try:

@@ -39,10 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from nfnets_jax import files
 from nfnets_jax.checkpoints import errors, released, tree
-
-# timm model name -> this project's variant.
-TIMM_VARIANTS = {f"dm_nfnet_f{i}": f"F{i}" for i in range(7)}
 
 _CONV_NAMES = {
     "conv1": "conv0",
@@ -282,30 +280,6 @@ def load_timm_checkpoint(path: str) -> released.Params:
 def save_timm_checkpoint(params: Mapping[str, Mapping[str, Any]], path: str) -> str:
     """Writes this project's NFNet parameters as a timm `dm_nfnet_f*` state dict (.pth)."""
     torch = _import_torch()
-    tmp = f"{path}.partial"
-    torch.save(to_torch(params_to_timm(params)), tmp)
-    os.replace(tmp, path)  # Atomic: an interrupted write never leaves a truncated .pth.
+    with files.atomic_path(path) as tmp:  # An interrupted write never leaves a torn .pth.
+        torch.save(to_torch(params_to_timm(params)), tmp)
     return path
-
-
-def create_timm_model(
-    params: Mapping[str, Mapping[str, Any]] | None = None, variant: str | None = None, **kwargs: Any
-) -> Any:
-    """A timm `dm_nfnet_f*` model in eval mode, loaded with `params` when given.
-
-    Args:
-      params: this project's parameters; their variant is detected when `variant` is None.
-      variant: "F0".."F6" (timm has no F7 or "+" variants).
-      **kwargs: passed to `timm.create_model` (e.g. num_classes).
-    """
-    timm = import_timm()
-    variant = variant or tree.detect_variant(params)
-    names = {v: k for k, v in TIMM_VARIANTS.items()}
-    if variant not in names:
-        raise ValueError(f"timm has no model for variant {variant!r}; it has {', '.join(names)}.")
-    if params is not None:
-        kwargs.setdefault("num_classes", tree.describe(params).num_classes)
-    model = timm.create_model(names[variant], pretrained=False, **kwargs)
-    if params is not None:
-        model.load_state_dict(to_torch(params_to_timm(params)), strict=True)
-    return model.eval()

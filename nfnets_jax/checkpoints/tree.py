@@ -10,15 +10,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import haiku as hk
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax import nfnet
 from nfnets_jax.checkpoints import errors
-
-CheckpointMismatchError = errors.CheckpointMismatchError
+from nfnets_jax.models import registry, variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +56,7 @@ def describe(params: Mapping[str, Mapping[str, Any]]) -> Architecture:
             roots.add(match["root"])
             indices.append(int(match["index"] or 0))
     if len(roots) != 1:
-        raise CheckpointMismatchError(
+        raise errors.CheckpointMismatchError(
             "cannot find the NFNet blocks ('<root>/~/nf_block', '<root>/~/nf_block_1', ...) in "
             f"this tree; its first modules are {sorted(params)[:5]}."
         )
@@ -69,13 +64,13 @@ def describe(params: Mapping[str, Mapping[str, Any]]) -> Architecture:
     indices.sort()
     if indices != list(range(len(indices))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
-        raise CheckpointMismatchError(
+        raise errors.CheckpointMismatchError(
             f"blocks are not numbered 0..{max(indices)}: missing "
             f"{[block_name(root, i) for i in missing][:5]}."
         )
     stage_starts = [i for i in indices if f"{block_name(root, i)}/~/conv_shortcut" in params]
     if not stage_starts or stage_starts[0] != 0:
-        raise CheckpointMismatchError(
+        raise errors.CheckpointMismatchError(
             f"{block_name(root, 0)} has no conv_shortcut: the tree does not look like an NFNet."
         )
     bounds = stage_starts + [len(indices)]
@@ -85,7 +80,7 @@ def describe(params: Mapping[str, Mapping[str, Any]]) -> Architecture:
         try:
             return int(np.shape(params[module]["w"])[-1])
         except KeyError:
-            raise CheckpointMismatchError(f"missing parameter {module}/w.") from None
+            raise errors.CheckpointMismatchError(f"missing parameter {module}/w.") from None
 
     widths = tuple(out_channels(f"{block_name(root, i)}/~/conv2") for i in stage_starts)
     num_classes = out_channels(f"{root}/~/linear")
@@ -103,14 +98,14 @@ def detect_variant(params: Mapping[str, Mapping[str, Any]]) -> str:
     """The NFNet variant ("F0".."F7", "F0+".."F7+") whose depths and widths the tree has.
 
     Raises:
-      CheckpointMismatchError: no variant has this depth pattern and these widths (e.g. a
+      errors.CheckpointMismatchError: no variant has this depth pattern and these widths (e.g. a
         width-multiplied or custom model); the message gives what was found.
     """
     arch = describe(params)
-    for name, spec in nfnet.VARIANTS.items():
-        if tuple(spec["depth"]) == arch.depths and tuple(spec["width"]) == arch.widths:
+    for name, spec in variants.NFNET.items():
+        if spec.depths == arch.depths and spec.widths == arch.widths:
             return name
-    raise CheckpointMismatchError(
+    raise errors.CheckpointMismatchError(
         f"no NFNet variant has depths {list(arch.depths)} and widths {list(arch.widths)} "
         "(a custom or width-multiplied model?); pass the model's arguments explicitly."
     )
@@ -128,7 +123,7 @@ def model_kwargs(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"num_classes": arch.num_classes}
     try:
         kwargs["variant"] = detect_variant(params)
-    except CheckpointMismatchError:
+    except errors.CheckpointMismatchError:
         group_width = int(np.shape(params[f"{first}/~/conv1"]["w"])[2])
         kwargs.update(variant="F0", depths=arch.depths, widths=arch.widths, group_width=group_width)
     se = params.get(f"{first}/~/squeeze_excite/~/linear")
@@ -204,16 +199,9 @@ def expected_shapes(
 
     Uses `jax.eval_shape`, so no memory is allocated and nothing is computed.
     """
-
-    def forward(x: jax.Array) -> Any:
-        return nfnet.NFNet(num_classes=num_classes, variant=variant, **model_kwargs)(
-            x, is_training=False
-        )
-
-    model = hk.transform(forward)
-    # Parameter shapes do not depend on the resolution; 32 px keeps tracing cheap.
-    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    shapes = registry.param_shapes(
+        "NFNet", num_classes=num_classes, variant=variant, **model_kwargs
+    )
     return {m: {p: tuple(v.shape) for p, v in g.items()} for m, g in shapes.items()}
 
 
@@ -232,13 +220,13 @@ def validate(
       **model_kwargs: other `NFNet` arguments (width, depths, widths, ...).
 
     Raises:
-      CheckpointMismatchError: listing missing, unexpected and mis-shaped parameters by
+      errors.CheckpointMismatchError: listing missing, unexpected and mis-shaped parameters by
         path, and naming the variant the tree really holds when it is a known one.
     """
     if num_classes is None:
         try:
             num_classes = describe(params).num_classes
-        except CheckpointMismatchError:
+        except errors.CheckpointMismatchError:
             num_classes = 1000
     expected = expected_shapes(variant, num_classes, **model_kwargs)
     diff = compare_trees(params, expected)
@@ -246,9 +234,9 @@ def validate(
         return
     try:
         actual = f" The checkpoint holds {detect_variant(params)}."
-    except CheckpointMismatchError:
+    except errors.CheckpointMismatchError:
         actual = ""
-    raise CheckpointMismatchError(
+    raise errors.CheckpointMismatchError(
         f"parameters do not match NFNet variant {variant} with {num_classes} classes.{actual} "
         f"{diff.summary()}."
     )

@@ -12,9 +12,10 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 import urllib.request
 from typing import BinaryIO, TextIO
+
+from nfnets_jax import files
 
 CACHE_ENV = "NFNETS_JAX_CACHE"
 _URL = "https://storage.googleapis.com/dm-nfnets/{name}_haiku.npz"
@@ -156,13 +157,8 @@ def download(
         ChecksumError: the downloaded bytes have another md5 sum.
         OSError: the download failed.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=os.path.basename(path) + ".", suffix=".partial", dir=directory
-    )
-    try:
-        with os.fdopen(fd, "wb") as dst, urllib.request.urlopen(url, timeout=timeout_s) as src:
+    with files.atomic_path(path) as tmp:
+        with open(tmp, "wb") as dst, urllib.request.urlopen(url, timeout=timeout_s) as src:
             length = src.headers.get("Content-Length") if hasattr(src, "headers") else None
             total = int(length) if length else None
             got = _copy_with_progress(src, dst, total, os.path.basename(path), progress)
@@ -171,11 +167,6 @@ def download(
                 f"md5 mismatch for {url}: expected {md5}, got {got}; the "
                 f"download was deleted. Retry, or check the URL."
             )
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
@@ -247,8 +238,6 @@ def copy_into_cache(name: str, source: str) -> str:
     if got != entry.md5:
         raise ChecksumError(f"{source} has md5 {got}, but {entry.name} should be {entry.md5}.")
     path = os.path.join(cache_dir(), entry.filename)
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = f"{path}.partial"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)  # Atomic: an interrupted copy never sits at the final path.
+    with files.atomic_path(path) as tmp:  # An interrupted copy never sits at `path`.
+        shutil.copyfile(source, tmp)
     return path

@@ -180,6 +180,32 @@ def _raise_undecodable(source, split: str, indices_of_batch, error):
         ) from error
 
 
+def _mix_and_randaugment(
+    step, images, labels, config: AugmentConfig, mix_seed, randaug_seed, per_host: int
+):
+    """MixUp / CutMix on the doubled batch, then RandAugment per image, seeded by the step."""
+    tf = tf_runtime.import_tf()
+    if config.mixing:
+        images, labels = mixing.mix_doubled_batch(
+            images,
+            labels,
+            tf.random.experimental.stateless_fold_in(mix_seed, step),
+            mixup_alpha=config.mixup_alpha,
+            use_cutmix=config.cutmix,
+        )
+    if config.randaugment_layers > 0:
+        step_seed = tf.random.experimental.stateless_fold_in(randaug_seed, step)
+        seeds = tf.random.experimental.stateless_split(step_seed, per_host)
+        images = tf.map_fn(
+            lambda args: augment_lib.randaugment(
+                args[0], config.randaugment_layers, config.randaugment_magnitude, args[1]
+            ),
+            (images, seeds),
+            fn_output_signature=tf.float32,
+        )
+    return images, labels
+
+
 def train_iterator(
     dataset: str | sources.Source,
     *,
@@ -240,9 +266,9 @@ def train_iterator(
     epoch_size = source.host_num_examples(split, process_index, process_count)
     start_epoch, offset = sharding.resume_position(start_step, per_step, epoch_size)
 
-    example_seed = sources.stream_seed(seed, process_index, 1)
-    mix_seed = sources.stream_seed(seed, process_index, 2)
-    randaug_seed = sources.stream_seed(seed, process_index, 3)
+    example_seed = tf_runtime.stream_seed(seed, process_index, 1)
+    mix_seed = tf_runtime.stream_seed(seed, process_index, 2)
+    randaug_seed = tf_runtime.stream_seed(seed, process_index, 3)
     num_classes = source.num_classes
 
     def example_fn(position, record):
@@ -256,32 +282,10 @@ def train_iterator(
         label = tf.one_hot(record["label"], num_classes, dtype=tf.float32)
         return image, label
 
-    def mix_fn(step, images, labels):
-        return mixing.mix_doubled_batch(
-            images,
-            labels,
-            tf.random.experimental.stateless_fold_in(mix_seed, step),
-            mixup_alpha=config.mixup_alpha,
-            use_cutmix=config.cutmix,
-        )
-
-    def randaugment_fn(step, images):
-        step_seed = tf.random.experimental.stateless_fold_in(randaug_seed, step)
-        seeds = tf.random.experimental.stateless_split(step_seed, per_host)
-        return tf.map_fn(
-            lambda args: augment_lib.randaugment(
-                args[0], config.randaugment_layers, config.randaugment_magnitude, args[1]
-            ),
-            (images, seeds),
-            fn_output_signature=tf.float32,
-        )
-
     def batch_fn(step, batch):
-        images, labels = batch
-        if config.mixing:
-            images, labels = mix_fn(step, images, labels)
-        if config.randaugment_layers > 0:
-            images = randaugment_fn(step, images)
+        images, labels = _mix_and_randaugment(
+            step, *batch, config, mix_seed, randaug_seed, per_host
+        )
         labels = tf.reshape(labels, [local_device_count, layout.per_device_batch, num_classes])
         return {"images": _finalize(images, tf_dtype, layout, image_size), "labels": labels}
 

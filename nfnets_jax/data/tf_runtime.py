@@ -3,7 +3,7 @@
 TensorFlow is only used on the host to read and augment data. `import_tf` hides every
 accelerator from it (so it never grabs GPU memory that JAX needs) and caps its global
 thread pools; each `tf.data` pipeline gets its own bounded private thread pool from
-`dataset_options`.
+`dataset_options`. `stream_seed` is the stateless seed of one random stream of one host.
 """
 
 import os
@@ -61,3 +61,10 @@ def dataset_options(num_threads: int | None = None, deterministic: bool = True):
     options.deterministic = deterministic
     options.experimental_optimization.map_parallelization = True
     return options
+
+
+def stream_seed(seed: int, process_index: int, stream: int):
+    """Stateless [2] seed for one random stream (orders, crops, mixing...) of one host."""
+    tf = import_tf()
+    base = tf.constant([seed, process_index], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, stream)

@@ -1,4 +1,4 @@
-"""Training checkpoints in the workdir with orbax: atomic, keep the last N, resume the newest.
+"""Training-workdir checkpoints (orbax): atomic, keep the last N, resume the newest.
 
 A checkpoint holds the host (unreplicated) training state as a pytree of numpy arrays: step,
 params, EMA params, optimizer state and the base RNG key. The data position is the step: the
@@ -7,14 +7,14 @@ input pipeline is deterministic given its seed and resumes at `start_step=step`.
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact and the partial one is never restored.
 A restore checks every array's shape against the template (orbax itself would return the
-saved shapes). The run's config record (`config.json`) is written with `write_json_atomic`.
+saved shapes). `load_params` reads the parameters of a workdir for evaluation.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -92,31 +92,35 @@ class Checkpointer:
         self._manager.close()
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes `obj` as JSON to `path` atomically: a temporary file, then `os.replace`.
+def load_params(workdir: str, step: int | None = None, ema: bool = True) -> dict[str, Any]:
+    """Parameters from a training workdir's newest (or `step`) checkpoint, for evaluation.
 
-    Readers see the old file or the complete new one, never a partial write; on any error
-    the old file is left as it was.
+    Args:
+      workdir: the trainer's workdir (checkpoints under `<workdir>/checkpoints/<step>`).
+      step: which checkpoint; the newest when None.
+      ema: take the EMA parameters when the checkpoint has them (the reference evaluates
+        both; EMA is usually better).
+
+    Returns:
+      The parameter tree, host numpy.
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint.
+      KeyError: the checkpoint holds no parameters.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # Same directory (os.replace must not cross file systems); open() keeps the umask's mode.
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    directory = os.path.abspath(os.path.join(os.path.expanduser(workdir), "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoints directory in workdir {workdir}.")
+    manager = ocp.CheckpointManager(directory)
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_json(path: str) -> Any | None:
-    """The JSON object in `path`, or None if the file does not exist."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {directory}.")
+        state = manager.restore(int(step), args=ocp.args.StandardRestore())
+    finally:
+        manager.close()
+    state = state if isinstance(state, Mapping) else dataclasses.asdict(state)
+    for key in ("ema_params", "params") if ema else ("params",):
+        if key in state and state[key] is not None:
+            return jax.tree.map(np.asarray, state[key])
+    raise KeyError(f"Checkpoint {step} in {directory} has no 'params' (keys: {sorted(state)}).")

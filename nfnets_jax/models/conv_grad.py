@@ -13,7 +13,7 @@ only the backward passes differ, and only in how they are computed:
   per-unit sums over the fan-in (of g and of g * w) and one elementwise pass, instead of
   the chain of reductions and broadcasts that autodiff emits.
 
-Measured side by side on F0 (README "Performance"). Limitations: these are `jax.custom_vjp`
+Measured side by side on F0 (docs/performance.md). Limitations: these are `jax.custom_vjp`
 functions, so forward-mode autodiff (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) through them is
 unsupported; use `layers.forced_conv_grad("xla")` for that. Gradients equal autodiff's up to
 float32 summation order (tests/test_conv_grad.py).

@@ -1,5 +1,8 @@
 """Where a compiled step spends its time: XLA thunk durations grouped by operation kind.
 
+`profile_mode` profiles the step benchmark's "grad" (the trainer's forward + backward) or
+"inference" program.
+
 `profile` runs a compiled function under `jax.profiler.trace`, reads the Perfetto trace and
 attributes each executed XLA thunk (a fusion, convolution, dot, copy...) to the instruction
 of the same name in the optimised HLO, then groups the durations by category:
@@ -22,6 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+
+from nfnets_jax.bench import step
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
@@ -157,3 +162,15 @@ def format_profile(result: dict[str, Any], title: str = "") -> str:
             f"{100 * row['share']:5.1f}% | {row['thunks']:6.0f}"
         )
     return "\n".join(lines)
+
+
+def profile_mode(
+    config: step.BenchmarkConfig, mode: str = "grad", iters: int = 2
+) -> dict[str, Any]:
+    """`profile` of one step-benchmark mode ("grad": the trainer's forward + backward;
+    "inference": its evaluation forward pass), as `step.jax_program` builds it."""
+    if mode not in ("grad", "inference"):
+        raise ValueError(f"profile_mode profiles 'grad' or 'inference', got {mode!r}.")
+    fn, args, _, _ = step.jax_program(config, mode, config.model(), jax.devices()[0])
+    staged = fn if hasattr(fn, "lower") else jax.jit(fn)
+    return profile(staged.lower(*args).compile(), args, iters)

@@ -6,24 +6,12 @@ release (root "NF_ResNet", blocks "nf_res_block", "nf_res_block_1", ...).
 """
 
 from collections.abc import Sequence
-from typing import Any
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets_jax import activations, layers, nfnet
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    "ResNet26": {"depth": [2, 2, 2, 2]},
-    "ResNet50": {"depth": [3, 4, 6, 3]},
-    "ResNet101": {"depth": [3, 4, 23, 3]},
-    "ResNet152": {"depth": [3, 8, 36, 3]},
-    "ResNet200": {"depth": [3, 24, 36, 3]},
-    "ResNet288": {"depth": [24, 24, 24, 24]},
-    "ResNet600": {"depth": [50, 50, 50, 50]},
-}
-_BASE_WIDTHS = (64, 128, 256, 512)
+from nfnets_jax.models import activations, layers, nfnet, variants
 
 
 class NFResBlock(hk.Module):
@@ -80,7 +68,7 @@ class NFResNet(hk.Module):
 
     Args:
       num_classes: classifier outputs.
-      variant: a key of `VARIANTS`.
+      variant: a key of `variants.NFRESNET`.
       width: width multiplier on [64, 128, 256, 512] (4 gives the standard ResNet).
       alpha: residual branch scale.
       stochdepth_rate: stochastic depth rate of the last block (linearly ramped from 0).
@@ -114,7 +102,8 @@ class NFResNet(hk.Module):
         name: str = "NF_ResNet",
     ):
         super().__init__(name=name)
-        depths = list(depths or nfnet.check_variant(variant, VARIANTS)["depth"])
+        spec = variants.lookup("NFResNet", variant)
+        depths = list(depths or spec.depths)
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}.")
         self.activation = activations.get(activation)
@@ -126,7 +115,9 @@ class NFResNet(hk.Module):
         self.blocks, self.stage_ends = [], []
         betas = [1.0 / s for s in nfnet.expected_stds(depths, alpha)]
         num_blocks, index = sum(depths), 0
-        for base, depth, stride in zip(_BASE_WIDTHS, depths, nfnet.STRIDES):
+        # The table's widths are the standard width-4 ones: 4 x (64, 128, 256, 512).
+        base_widths = [w // 4 for w in spec.widths]
+        for base, depth, stride in zip(base_widths, depths, nfnet.STRIDES):
             for block_index in range(depth):
                 self.blocks.append(
                     NFResBlock(
@@ -147,8 +138,7 @@ class NFResNet(hk.Module):
                 ch = base * width
                 index += 1
             self.stage_ends.append(index - 1)
-        fc_init = fc_init or hk.initializers.RandomNormal(stddev=0.01)
-        self.fc = hk.Linear(num_classes, w_init=fc_init, with_bias=True, name="linear")
+        self.fc = nfnet.classifier(num_classes, fc_init)
 
     def __call__(
         self,
@@ -164,9 +154,4 @@ class NFResNet(hk.Module):
         out, outputs = nfnet.run_body(
             out, self.blocks, self.stage_ends, is_training, return_features, return_metrics
         )
-        pool = jnp.mean(self.activation(out), axis=(1, 2))
-        outputs["pool"] = pool
-        if is_training and self.drop_rate > 0.0:
-            pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-        outputs["logits"] = self.fc(pool)
-        return outputs
+        return nfnet.classify(self.activation(out), self.fc, self.drop_rate, is_training, outputs)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax import layers
+from nfnets_jax.models import layers
 
 
 def count_params(params: hk.Params) -> int:
@@ -67,23 +67,21 @@ def count_macs(apply_fn: Callable[..., Any], *args: Any) -> int:
     return sum(_walk(jax.make_jaxpr(apply_fn)(*args).jaxpr))
 
 
-def model_counts(
-    model_fn: Callable[[jax.Array], Any], resolution: int, batch: int = 1
-) -> dict[str, int]:
-    """Parameter count, module count and per-image MACs of a Haiku model function.
+def model_counts(model: hk.Transformed, resolution: int, batch: int = 1) -> dict[str, int]:
+    """Parameter count, module count and per-image MACs of a Haiku model, in inference mode.
 
     Args:
-      model_fn: `images -> outputs`, building the Haiku model inside (it is hk.transform-ed
-        here), e.g. `lambda x: nfnet.NFNet(1000, "F0")(x, is_training=False)`.
+      model: from `registry.build_forward` (or any transform whose `init(rng, images)` and
+        `apply(params, rng, images)` run the model), e.g. `registry.build_forward(
+        "NFNet", variant="F0")`.
       resolution: square input size in pixels.
       batch: batch size to trace with (MACs are reported per image).
 
     Returns:
       {"params": scalars, "modules": Haiku modules with parameters, "macs": per image}.
     """
-    transformed = hk.transform(model_fn)
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
-    params = jax.eval_shape(transformed.init, jax.random.PRNGKey(0), images)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
     with layers.forced_group_conv("native"), layers.forced_conv_grad("xla"):
-        macs = count_macs(lambda p, x: transformed.apply(p, None, x), params, images)
+        macs = count_macs(lambda p, x: model.apply(p, None, x), params, images)
     return {"params": count_params(params), "modules": len(params), "macs": macs // batch}

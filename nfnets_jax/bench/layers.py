@@ -1,7 +1,7 @@
 """Per-layer convolution benchmark: every distinct convolution of an NFNet, forward +
 backward, under each `conv_grad` implementation and, optionally, PyTorch.
 
-It answers the question the whole-step benchmark (`benchmarking`) cannot: are the
+It answers the question the whole-step benchmark (`bench.step`) cannot: are the
 convolutions themselves slower than PyTorch's, or is it the rest of the training step?
 `conv_layers` lists the model's weight-standardised convolutions (input size, channels,
 groups, kernel, stride) with how often each occurs; `run` times, for each of them, the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets_jax import benchmarking, conv_grad, layers
+from nfnets_jax.bench import step, timing
+from nfnets_jax.models import conv_grad, layers, registry
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -61,10 +61,10 @@ class ConvLayer:
         )
 
 
-def conv_layers(config: benchmarking.BenchmarkConfig) -> collections.Counter:
+def conv_layers(config: step.BenchmarkConfig) -> collections.Counter:
     """{ConvLayer: number of calls} of the configured NFNet's training forward pass at
     `config.train_resolution` (shapes only: traced with `jax.eval_shape`)."""
-    forward = benchmarking.make_forward(config)
+    forward = registry.forward_fn(**config.model_args())
     found: collections.Counter = collections.Counter()
 
     def record(next_f, args, kwargs, context):
@@ -152,7 +152,7 @@ def torch_call(
 
 
 def run(
-    config: benchmarking.BenchmarkConfig,
+    config: step.BenchmarkConfig,
     impls: Sequence[str] = ("xla", "matmul"),
     compare_torch: bool = False,
     repeats: int = 5,
@@ -166,14 +166,15 @@ def run(
     the other's threads (PyTorch's OpenMP threads spin for a while after a parallel region:
     the first JAX call of a round was up to 30% slower per layer), and sleeping between
     calls instead penalises whichever framework must wake its threads. The order rotates
-    from round to round, so no implementation always runs right after torch.
+    from round to round (`timing.round_robin`), so no implementation always runs right
+    after torch.
 
     Returns:
       {"layers": [{"layer", "count", "gmacs" (per call), "times_ms": {impl: [per round]},
        "median_ms": {impl: median}}], "total_ms": {impl: sum of count x median},
        "implementations": list, "config": the `BenchmarkConfig` as a dict}.
     """
-    if repeats < 1 or iters < 1:
+    if repeats < 1 or iters < 1:  # Before any compilation.
         raise ValueError(f"repeats and iters must be >= 1, got {repeats} and {iters}.")
     for impl in impls:
         layers.resolve_conv_grad(impl)  # A clear error for an unknown name, before timing.
@@ -181,7 +182,7 @@ def run(
     if compare_torch:
         import torch
 
-        torch.set_num_threads(benchmarking.cpu_cores())
+        torch.set_num_threads(timing.cpu_cores())
     rows = []
     for index, (layer, count) in enumerate(sorted(conv_layers(config).items())):
         x, w, r = _arrays(layer, config.batch_size, index)
@@ -192,19 +193,10 @@ def run(
         }
         if compare_torch:
             calls["torch"] = torch_call(layer, x, w, r, input_grad)
-        for call in calls.values():
-            for _ in range(warmup + 1):  # The first call compiles.
-                call()
-        times: dict[str, list[float]] = {name: [] for name in names}
-        order = list(calls)
-        for round_index in range(repeats):
-            shift = round_index % len(order)  # Rotate who runs first (and pays, above).
-            for name in order[shift:] + order[:shift]:
-                call = calls[name]
-                start = time.perf_counter()
-                for _ in range(iters):
-                    call()
-                times[name].append(1e3 * (time.perf_counter() - start) / iters)
+        timed = [timing.Timed(name, lambda _, call=call: call()) for name, call in calls.items()]
+        # The first call compiles; rotating rounds keep torch's spinning threads fair.
+        timing.round_robin(timed, repeats, warmup + 1, iters)
+        times = {t.name: [1e3 * seconds for seconds in t.times] for t in timed}
         rows.append(
             {
                 "layer": dataclasses.asdict(layer),

@@ -11,52 +11,14 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets_jax import activations, layers
+from nfnets_jax.models import activations, layers, variants
 
-_F_WIDTHS = (256, 512, 1536, 1536)
-_PLUS_WIDTHS = (384, 768, 2048, 2048)
-# variant index -> (depth multiplier, train px, test px, RandAugment magnitude, dropout)
-_F_TABLE = {
-    0: (1, 192, 256, 5, 0.2),
-    1: (2, 224, 320, 10, 0.3),
-    2: (3, 256, 352, 10, 0.4),
-    3: (4, 320, 416, 15, 0.4),
-    4: (5, 384, 512, 15, 0.5),
-    5: (6, 416, 544, 15, 0.5),
-    6: (7, 448, 576, 15, 0.5),
-    7: (8, 480, 608, 15, 0.5),
-}
-
-
-def _make_variants() -> dict[str, dict[str, Any]]:
-    table = {}
-    for index, (mult, train_px, test_px, magnitude, drop) in _F_TABLE.items():
-        for suffix, widths in (("", _F_WIDTHS), ("+", _PLUS_WIDTHS)):
-            table[f"F{index}{suffix}"] = dict(
-                width=list(widths),
-                depth=[mult, 2 * mult, 6 * mult, 3 * mult],
-                train_imsize=train_px,
-                test_imsize=test_px,
-                randaug_layers=4,
-                randaug_magnitude=magnitude,
-                drop_rate=drop,
-            )
-    return table
-
-
-VARIANTS: dict[str, dict[str, Any]] = _make_variants()
 STRIDES = (1, 2, 2, 2)
 NUMERICS = {
     # name: (gelu variant, WS epsilon, WS epsilon mode)
     "reference": ("gelu", 1e-4, "max"),
     "timm": ("gelu_exact", 1e-5, "add"),
 }
-
-
-def check_variant(variant: str, table: dict[str, Any]) -> dict[str, Any]:
-    if variant not in table:
-        raise ValueError(f"Unknown variant {variant!r}; valid variants: {', '.join(table)}.")
-    return table[variant]
 
 
 def check_images(x: jax.Array, in_channels: int, model: str) -> None:
@@ -194,12 +156,34 @@ def run_body(
     return out, outputs
 
 
+def classifier(num_classes: int, fc_init: hk.initializers.Initializer | None) -> hk.Linear:
+    """The classifier ("linear", as in the release): w ~ N(0, 0.01) unless `fc_init`, b = 0."""
+    fc_init = fc_init or hk.initializers.RandomNormal(stddev=0.01)
+    return hk.Linear(num_classes, w_init=fc_init, with_bias=True, name="linear")
+
+
+def classify(
+    features: jax.Array,
+    fc: hk.Linear,
+    drop_rate: float,
+    is_training: bool,
+    outputs: dict[str, jax.Array],
+) -> dict[str, jax.Array]:
+    """Global average pool ("pool"), dropout when training, the classifier ("logits")."""
+    pool = jnp.mean(features, axis=(1, 2))
+    outputs["pool"] = pool
+    if is_training and drop_rate > 0.0:
+        pool = hk.dropout(hk.next_rng_key(), drop_rate, pool)
+    outputs["logits"] = fc(pool)
+    return outputs
+
+
 class NFNet(hk.Module):
-    """Normalizer-free network, variants F0-F7 and F0+-F7+ (see `VARIANTS`).
+    """Normalizer-free network, variants F0-F7 and F0+-F7+ (`variants.NFNET`).
 
     Args:
       num_classes: classifier outputs.
-      variant: a key of `VARIANTS`.
+      variant: a key of `variants.NFNET`.
       width: multiplier on the stage widths.
       se_ratio: squeeze-excite hidden width as a fraction of the block's output width.
       alpha: residual branch scale.
@@ -246,7 +230,7 @@ class NFNet(hk.Module):
         name: str = "NFNet",
     ):
         super().__init__(name=name)
-        params = check_variant(variant, VARIANTS)
+        spec = variants.lookup("NFNet", variant)
         if numerics not in NUMERICS:
             raise ValueError(f"Unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}.")
         layers.resolve_group_conv(group_conv)
@@ -258,12 +242,11 @@ class NFNet(hk.Module):
         self.num_classes = num_classes
         self.variant = variant
         self.in_channels = in_channels
-        self.train_imsize, self.test_imsize = params["train_imsize"], params["test_imsize"]
-        self.drop_rate = params["drop_rate"] if drop_rate is None else drop_rate
+        self.drop_rate = spec.drop_rate if drop_rate is None else drop_rate
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}.")
-        depths = list(depths or params["depth"])
-        widths = [int(w * width) for w in (widths or params["width"])]
+        depths = list(depths or spec.depths)
+        widths = [int(w * width) for w in (widths or spec.widths)]
         if len(depths) != len(STRIDES) or len(widths) != len(STRIDES):
             raise ValueError(
                 f"depths and widths need {len(STRIDES)} stages, got {depths} and {widths}."
@@ -306,8 +289,7 @@ class NFNet(hk.Module):
             self.stage_ends.append(index - 1)
         ch = final_conv_ch if final_conv_ch is not None else int(final_conv_mult * ch)
         self.final_conv = conv(ch, 1, 1, "final_conv")
-        fc_init = fc_init or hk.initializers.RandomNormal(stddev=0.01)
-        self.fc = hk.Linear(num_classes, w_init=fc_init, with_bias=True, name="linear")
+        self.fc = classifier(num_classes, fc_init)
 
     def __call__(
         self,
@@ -338,9 +320,4 @@ class NFNet(hk.Module):
             out, self.blocks, self.stage_ends, is_training, return_features, return_metrics
         )
         out = self.activation(self.final_conv(out))
-        pool = jnp.mean(out, axis=(1, 2))
-        outputs["pool"] = pool
-        if is_training and self.drop_rate > 0.0:
-            pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-        outputs["logits"] = self.fc(pool)
-        return outputs
+        return classify(out, self.fc, self.drop_rate, is_training, outputs)

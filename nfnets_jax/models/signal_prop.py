@@ -6,8 +6,7 @@ variance the beta/alpha bookkeeping expects. All skip gains are set to 1 first: 
 zero initialisation every block reduces to its shortcut and the plot would show nothing.
 """
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import haiku as hk
 import jax
@@ -27,7 +26,7 @@ def expected_output_vars(depths: Sequence[int], alpha: float) -> np.ndarray:
 
 
 def measure(
-    model_fn: Callable[[], Any],
+    model: hk.Transformed,
     depths: Sequence[int],
     alpha: float = 0.2,
     resolution: int = 64,
@@ -38,8 +37,8 @@ def measure(
     """Per-block signal statistics of a freshly initialised model.
 
     Args:
-      model_fn: builds the Haiku model (an NFNet or NFResNet), e.g.
-        `lambda: nfnet.NFNet(variant="F0")`. Called inside hk.transform.
+      model: the network from `registry.build_forward` (an NFNet or NFResNet), e.g.
+        `registry.build_forward("NFNet", variant="F0")`.
       depths: the model's depth pattern (for the expected-variance curve).
       alpha: the model's alpha.
       resolution, batch: N(0, 1) input size.
@@ -50,10 +49,9 @@ def measure(
       Arrays of length num_blocks: "avg_sq_mean", "avg_var", "res_var" (residual branch),
       "expected_var"; and scalars "stem_avg_sq_mean", "stem_avg_var".
     """
-    forward = hk.transform(lambda x: model_fn()(x, is_training=False, return_metrics=True))
     init_rng, data_rng = jax.random.split(jax.random.PRNGKey(seed))
     x = jax.random.normal(data_rng, (batch, resolution, resolution, 3), jnp.float32)
-    params = jax.jit(forward.init)(init_rng, x)
+    params = jax.jit(model.init)(init_rng, x)
     params = {
         module: {
             name: (jnp.full_like(v, skip_gain) if name == "skip_gain" else v)
@@ -61,7 +59,8 @@ def measure(
         }
         for module, leaves in params.items()
     }
-    outputs = jax.jit(forward.apply)(params, None, x)
+    apply = lambda p, images: model.apply(p, None, images, False, return_metrics=True)
+    outputs = jax.jit(apply)(params, x)
     num_blocks = sum(depths)
     stat = lambda key: np.asarray([outputs[f"block_{i}/{key}"] for i in range(num_blocks)])
     return {

@@ -22,7 +22,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets_jax import conv_grad
+from nfnets_jax.models import conv_grad
 
 
 class _BackendChoice:
@@ -60,7 +60,7 @@ class _BackendChoice:
 
 GROUP_CONV_STRATEGIES = ("native", "split", "dense")
 CONV_GRAD_IMPLS = ("xla", "matmul")
-# Fastest choice per backend, measured with scripts/benchmark.py (README "Performance").
+# Fastest choice per backend, measured with scripts/benchmark.py (docs/performance.md).
 # GPU/TPU keep native grouped convolutions and XLA's gradients (not measured here: no
 # accelerator was available).
 _GROUP_CONV = _BackendChoice(
