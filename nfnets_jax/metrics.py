@@ -61,12 +61,6 @@ class MetricWriter:
             self._tb = None
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Reads a `metrics.jsonl` file into a list of records."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 class Progress:
     """A live progress line: step, images/s, loss, lr, ETA."""
 

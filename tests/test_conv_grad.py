@@ -35,12 +35,13 @@ def test_conv2d_same_value_and_gradients_match_xla(size, kernel, stride):
     ref = lambda a, b: jax.lax.conv_general_dilated(
         a, b, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    y = conv_grad.conv2d_same(x, w, stride)
-    np.testing.assert_array_equal(y, ref(x, w))  # Same op, same padding: same bits.
+    new = lambda a, b: conv_grad.conv2d_same(a, b, stride)
+    y = jax.jit(new)(x, w)
+    np.testing.assert_array_equal(y, jax.jit(ref)(x, w))  # Same op, same padding: same bits.
     cot = jax.random.normal(kg, y.shape)
-    _, vjp_ref = jax.vjp(ref, x, w)
-    _, vjp_new = jax.vjp(lambda a, b: conv_grad.conv2d_same(a, b, stride), x, w)
-    for expected, got in zip(vjp_ref(cot), vjp_new(cot)):
+    # Jitted (one compilation each; eagerly every primitive compiles on its own).
+    pullback = lambda f: jax.jit(lambda a, b, c: jax.vjp(f, a, b)[1](c))(x, w, cot)
+    for expected, got in zip(pullback(ref), pullback(new)):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         assert _max_rel(expected, got) < 1e-5
 
