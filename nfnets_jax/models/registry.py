@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfnets_jax import treepaths
-from nfnets_jax.models import nfnet, nfresnet, variants
+from nfnets_jax.models import layers, nfnet, nfresnet, variants
 
 MODEL_CLASSES: dict[str, type[hk.Module]] = {"NFNet": nfnet.NFNet, "NFResNet": nfresnet.NFResNet}
 # The classifier weight of both families (root "NFNet" or the reference's "NF_ResNet"), also
@@ -136,7 +136,16 @@ def build_forward(
     Raises:
       ValueError: for an unknown model name.
     """
-    return hk.transform(forward_fn(model_name, remat=remat, **model_kwargs))
+    transformed = hk.transform(forward_fn(model_name, remat=remat, **model_kwargs))
+
+    def init(*args: Any, **kwargs: Any) -> hk.Params:
+        # The parameters (values and RNG use) do not depend on how convolutions are computed,
+        # so init is traced with the simplest strategies: a smaller program, and the same one
+        # for every `group_conv` / `conv_grad` setting (the forward pass in it is dead code).
+        with layers.forced_group_conv("native"), layers.forced_conv_grad("xla"):
+            return transformed.init(*args, **kwargs)
+
+    return hk.Transformed(init, transformed.apply)
 
 
 def logits_fn(model_name: str = "NFNet", **model_kwargs: Any) -> ApplyFn:
