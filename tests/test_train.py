@@ -52,7 +52,10 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
 
 def subprocess_env(device_count):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
+    # The suite's XLA flags (see conftest.py) with this process's device count: the same
+    # backend options, so the same bits as the in-process runs.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={device_count}"] + flags)
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
