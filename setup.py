@@ -25,8 +25,17 @@ EXTRAS = {
     "train": ["orbax-checkpoint", "tensorboardX", "jmp"],
     # PyTorch interop (timm weight conversion, --compare timm in the benchmark).
     "torch": ["torch==2.13.0", "timm"],
-    # Tests, lint, plots, the Flax AGC example.
-    "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "matplotlib", "flax", "dill"],
+    # Tests, lint, plots, the Flax (linen, NNX) and Equinox AGC examples.
+    "dev": [
+        "pytest",
+        "pytest-xdist",
+        "hypothesis",
+        "ruff",
+        "matplotlib",
+        "flax",
+        "equinox",
+        "dill",
+    ],
 }
 EXTRAS["all"] = sorted({p for group in EXTRAS.values() for p in group})
 

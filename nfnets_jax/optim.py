@@ -120,6 +120,7 @@ def make_optimizer(
     eps: float = agc.DEFAULT_EPS,
     unit_axis: Any = agc.DEFAULT_UNIT_AXIS,
     track_per_param: bool = False,
+    overflow_safe: bool = True,
 ) -> optax.GradientTransformation:
     """The reference NFNet optimizer as an optax chain.
 
@@ -154,6 +155,8 @@ def make_optimizer(
       eps: AGC's floor on the weight norm.
       unit_axis: AGC's output-unit axis (see :func:`nfnets_jax.agc.adaptive_grad_clip`).
       track_per_param: Record AGC's per-parameter clipped fraction in the state.
+      overflow_safe: AGC's overflow-safe norms (see
+        :func:`nfnets_jax.agc.adaptive_grad_clip`); False: one pass, plain float32 sums.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -167,6 +170,7 @@ def make_optimizer(
                 mask=registry.agc_mask if agc_mask is None else agc_mask,
                 unit_axis=unit_axis,
                 track_per_param=track_per_param,
+                overflow_safe=overflow_safe,
             )
         )
     if weight_decay:

@@ -8,6 +8,11 @@ is ``'<module path>/<param name>'``, e.g. ``'NFNet/~/linear/w'``; for Flax
 ``{'params': {'Dense_0': {'kernel': ...}}}`` it is ``'params/Dense_0/kernel'``; list and
 tuple entries contribute their index, dataclass / attribute nodes their attribute name.
 
+Flax NNX ``Variable`` nodes (``nnx.state(model, nnx.Param)`` holds ``Param`` objects whose
+pytree child is their value) are unwrapped first (`unwrap_variables`), so a NNX model has
+the same paths, ``'linear/kernel'``, whether the tree holds Variables (what
+``nnx.Optimizer`` gives ``init``) or plain arrays (what it gives ``update``).
+
 Per-leaf options (a mask, a unit axis) are pytrees with the structure of the parameters or
 a prefix of it, or functions of the parameters returning one; `per_leaf` broadcasts them to
 one value per leaf.
@@ -15,15 +20,39 @@ one value per leaf.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 Mask = Any  # pytree of bools (or a prefix of the params tree).
 MaskOrFn = Mask | Callable[[Any], Mask] | None
+
+
+def is_variable(x: Any) -> bool:
+    """Whether ``x`` is a Flax NNX ``Variable`` (without importing flax when it is not loaded)."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def unwrap_variables(tree: Any) -> Any:
+    """Replaces every Flax NNX ``Variable`` node of ``tree`` by its value; other trees as is."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return tree
+    return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
+
+
+def has_variables(tree: Any) -> bool:
+    """Whether ``tree`` holds a Flax NNX ``Variable`` node."""
+    if "flax.nnx" not in sys.modules:
+        return False
+    return any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable))
 
 
 def _key_to_str(key: Any) -> str:
@@ -54,19 +83,81 @@ def param_paths(params: Any) -> list[str]:
     """Returns the path of every leaf of ``params``, in ``jax.tree.leaves`` order.
 
     Args:
-      params: Any pytree of parameters.
+      params: Any pytree of parameters (Flax NNX Variables are unwrapped first).
 
     Returns:
       One ``'/'``-joined path string per leaf.
     """
-    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    flat = jax.tree_util.tree_flatten_with_path(unwrap_variables(params))[0]
+    return [path_to_str(p) for p, _ in flat]
 
 
-def _compile_patterns(patterns: str | Sequence[str], syntax: str) -> list[tuple[str, Any]]:
+# A glob written where a regex is expected ('*' first or after '/', '**'), and the reverse.
+_LOOKS_LIKE_GLOB = re.compile(r"(^|/)\*|\*\*")
+_LOOKS_LIKE_REGEX = re.compile(r"\.[*+?]|\\|[()|^$+{}]")
+_GLOB_HINT = (
+    " It looks like a glob: pass syntax='glob', or write '.*' for any characters in a regex."
+)
+
+
+def _single_dots(pattern: str) -> list[int]:
+    """Positions of the regex's unescaped '.' outside classes and not before a quantifier."""
+    dots, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "." and pattern[i + 1 : i + 2] not in ("*", "+", "?", "{"):
+            dots.append(i)
+        i += 1
+    return dots
+
+
+def _regex_matcher(pattern: str, what: str) -> Callable[[str], bool]:
+    try:
+        matcher = re.compile(pattern).fullmatch
+    except re.error as err:
+        hint = _GLOB_HINT if _LOOKS_LIKE_GLOB.search(pattern) else ""
+        raise ValueError(
+            f"{what} pattern {pattern!r} is not a valid regular expression ({err}).{hint}"
+        ) from None
+    dots = set(_single_dots(pattern))
+    if not dots:
+        return lambda path: matcher(path) is not None
+    # The same pattern where each single '.' cannot match '/': a path that only the loose one
+    # matches was matched by reading '.' as a path separator ("params.Dense_0.kernel").
+    strict = re.compile("".join("[^/]" if i in dots else c for i, c in enumerate(pattern)))
+    slashes = "".join("/" if i in dots else c for i, c in enumerate(pattern))
+
+    def match(path: str) -> bool:
+        if matcher(path) is None:
+            return False
+        if strict.fullmatch(path) is None:
+            raise ValueError(
+                f"{what} pattern {pattern!r} matches {path!r} only because '.' matches '/' "
+                f"in a regex: parameter paths are '/'-joined, so write {slashes!r} (or '\\.' "
+                "for a literal dot)."
+            )
+        return True
+
+    return match
+
+
+def _compile_patterns(
+    patterns: str | Sequence[str], syntax: str, what: str = "mask"
+) -> list[tuple[str, Callable[[str], bool]]]:
     if isinstance(patterns, str):
         patterns = [patterns]
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"{what} patterns must be strings, got {p!r}")
     if syntax == "regex":
-        return [(p, re.compile(p).fullmatch) for p in patterns]
+        return [(p, _regex_matcher(p, what)) for p in patterns]
     if syntax == "glob":
         return [(p, lambda s, p=p: fnmatch.fnmatchcase(s, p)) for p in patterns]
     raise ValueError(f"syntax must be 'regex' or 'glob', got {syntax!r}")
@@ -76,7 +167,7 @@ def _match_all(
     paths: list[str], patterns: str | Sequence[str], syntax: str, what: str
 ) -> list[bool]:
     """Whether each path matches any pattern; every pattern must match at least one path."""
-    compiled = _compile_patterns(patterns, syntax)
+    compiled = _compile_patterns(patterns, syntax, what)
     hits = [False] * len(paths)
     unmatched = []
     for text, matcher in compiled:
@@ -89,8 +180,11 @@ def _match_all(
             unmatched.append(text)
     if unmatched:
         listing = "\n  ".join(paths) if paths else "(the tree has no leaves)"
+        hint = ""
+        if syntax == "glob" and any(_LOOKS_LIKE_REGEX.search(p) for p in unmatched):
+            hint = " They look like regular expressions: pass syntax='regex' (the default)."
         raise ValueError(
-            f"{what} pattern(s) {unmatched} ({syntax}, full match) matched no parameter. "
+            f"{what} pattern(s) {unmatched} ({syntax}, full match) matched no parameter.{hint} "
             f"Available parameter paths:\n  {listing}"
         )
     return hits
@@ -135,23 +229,58 @@ def mask_from_patterns(
     )
 
 
-def exclude_paths(*patterns: str, syntax: str = "regex") -> Callable[[Any], Mask]:
+def _is_step_count(x: Any) -> bool:
+    """A scalar integer array: what optax.inject_hyperparams passes to a "schedule"."""
+    return isinstance(x, jax.Array) and np.ndim(x) == 0 and np.issubdtype(x.dtype, np.integer)
+
+
+INJECT_HYPERPARAMS_HINT = (
+    "optax.inject_hyperparams calls every function argument as a schedule (with the step "
+    "count): pass static_args=('mask', 'unit_axis') to it"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PathMask:
+    """A mask function (``params -> pytree of bools``) from path patterns, see `exclude_paths`.
+
+    Attributes:
+      exclude: the patterns of the paths to leave out.
+      syntax: ``'regex'`` or ``'glob'``.
+    """
+
+    exclude: tuple[str, ...]
+    syntax: str = "regex"
+
+    def __post_init__(self) -> None:
+        if not self.exclude:
+            raise ValueError("exclude_paths needs at least one pattern")
+        _compile_patterns(self.exclude, self.syntax, "exclude")  # Fail early on a bad one.
+
+    def __call__(self, params: Any) -> Mask:
+        if _is_step_count(params):
+            raise TypeError(
+                f"The mask exclude_paths{self.exclude!r} was called with a step count, not "
+                f"with parameters: {INJECT_HYPERPARAMS_HINT}."
+            )
+        return mask_from_patterns(params, exclude=self.exclude, syntax=self.syntax)
+
+
+def exclude_paths(*patterns: str, syntax: str = "regex") -> PathMask:
     """Returns a mask function selecting every leaf except those matching ``patterns``.
 
     Use it directly as the ``mask`` of ``agc.adaptive_grad_clip`` (or any option taking a
-    mask function); the patterns are checked against the actual parameter tree when the
-    optimizer is initialised.
+    mask function, such as ``optax.masked``); the patterns are checked against the actual
+    parameter tree when the optimizer is initialised. An invalid pattern raises here.
 
     Args:
       *patterns: Path patterns to leave out (see :func:`mask_from_patterns`).
       syntax: ``'regex'`` or ``'glob'``.
 
     Returns:
-      A function ``params -> pytree of bools``.
+      A :class:`PathMask`: a function ``params -> pytree of bools``.
     """
-    if not patterns:
-        raise ValueError("exclude_paths needs at least one pattern")
-    return lambda params: mask_from_patterns(params, exclude=patterns, syntax=syntax)
+    return PathMask(tuple(patterns), syntax)
 
 
 def structure_diff(a: Any, b: Any, a_name: str, b_name: str) -> str:
@@ -191,16 +320,24 @@ def per_leaf(option: Any, params: Any, what: str, owner: str = "") -> list[Any]:
     """
     if callable(option):
         option = option(params)
+    option = unwrap_variables(option)
+    params = unwrap_variables(params)
+    if _is_step_count(option):
+        raise ValueError(
+            f"{owner + ': ' if owner else ''}the {what} is a scalar integer JAX array, not a "
+            f"static value or tree of them ({INJECT_HYPERPARAMS_HINT})"
+        )
     is_none = lambda x: x is None
     try:
         expanded = jax.tree.map(
             lambda v, sub: jax.tree.map(lambda _: v, sub), option, params, is_leaf=is_none
         )
     except (ValueError, TypeError) as err:
+        hint = f" ({INJECT_HYPERPARAMS_HINT})" if _is_step_count(option) else ""
         raise ValueError(
             f"{owner + ': ' if owner else ''}the {what} tree does not match the params tree "
             "(it must have the same structure as params, or be a prefix of it): "
-            f"{structure_diff(option, params, what, 'params')}"
+            f"{structure_diff(option, params, what, 'params')}{hint}"
         ) from err
     return jax.tree.structure(params).flatten_up_to(expanded)
 

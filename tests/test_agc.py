@@ -1,48 +1,21 @@
-"""Tests for nfnets_jax.agc: the AGC rule, masks, layouts, statistics, jit/pmap, errors."""
+"""Tests for nfnets_jax.agc: the rule against an independent NumPy version, numerics, dtypes,
+jit/pmap. Options (masks, layouts, statistics, errors, wrappers) are in test_agc_options.py."""
 
-import functools
-
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
+from agc_reference import CLASSIFIER_W, clip, f0_shapes, np_agc_leaf, np_unit_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfnets_jax import agc, treepaths
-from nfnets_jax.models import nfnet, registry
+from nfnets_jax.models import registry
 
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
-CLASSIFIER_W = "NFNet/~/linear/w"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def np_unit_norms(x: np.ndarray, unit_axis: int = -1) -> np.ndarray:
-    """Float64 per-unit norms following REFERENCE section 3 (keepdims)."""
-    x = np.asarray(x, np.float64)
-    if x.ndim <= 1 or sum(d != 1 for d in x.shape) <= 1:
-        return np.sqrt(np.sum(x * x, keepdims=True))
-    axis = unit_axis % x.ndim
-    axes = tuple(i for i in range(x.ndim) if i != axis)
-    return np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
-
-
-def np_agc_leaf(g: np.ndarray, w: np.ndarray, clipping: float, eps: float = 1e-3) -> np.ndarray:
-    """Independent NumPy implementation of the reference rule, written as in the paper."""
-    g_norm = np_unit_norms(g)
-    w_norm = np.maximum(np_unit_norms(w), eps)
-    trigger = g_norm / w_norm > clipping
-    scale = clipping * w_norm / np.maximum(g_norm, 1e-6)
-    return np.where(trigger, np.asarray(g, np.float64) * scale, g)
-
-
-def clip(tree_g, tree_w, clipping, **kwargs):
-    tx = agc.adaptive_grad_clip(clipping, **kwargs)
-    return tx.update(tree_g, tx.init(tree_w), tree_w)
 
 
 SHAPES = st.sampled_from(
@@ -171,14 +144,6 @@ def test_matches_optax_adaptive_grad_clip(pairs, clipping):
     theirs, _ = ref.update(grads, ref.init(params), params)
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-30)
-
-
-@functools.cache
-def f0_shapes():
-    forward = hk.transform(lambda x: nfnet.NFNet(variant="F0")(x, is_training=True))
-    return jax.eval_shape(
-        lambda: forward.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
-    )
 
 
 def random_tree(shapes, seed):
@@ -312,287 +277,128 @@ def test_bf16_unclipped_units_keep_their_bits():
     np.testing.assert_allclose(np.linalg.norm(out[:, 1]), 0.02, rtol=1e-2)
 
 
-# ----------------------------------------------------------------------------- layouts
+# ----------------------------------------------------------------------------- edges of the rule
+
+DTYPES = {"float32": (jnp.float32, 1e-5, 30), "bfloat16": (jnp.bfloat16, 1e-2, 30)}
+DTYPES["float16"] = (jnp.float16, 2e-3, 3)  # float16 spans ~6e-8 .. 65504
 
 
-def test_unit_axis_zero_matches_transposed_haiku_layout():
-    rng = np.random.default_rng(1)
-    w_hwio = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
-    g_hwio = (rng.standard_normal((3, 3, 4, 6)) * 0.3).astype(np.float32)
-    w_dense = rng.standard_normal((5, 7)).astype(np.float32)
-    g_dense = (rng.standard_normal((5, 7)) * 0.3).astype(np.float32)
-    to_oihw = lambda x: np.transpose(x, (3, 2, 0, 1))
-    haiku_out, _ = clip({"c": g_hwio, "d": g_dense}, {"c": w_hwio, "d": w_dense}, 0.05)
-    torch_out, _ = clip(
-        {"c": to_oihw(g_hwio), "d": g_dense.T},
-        {"c": to_oihw(w_hwio), "d": w_dense.T},
-        0.05,
-        unit_axis=0,
-    )
-    np.testing.assert_allclose(
-        np.asarray(torch_out["c"]), to_oihw(np.asarray(haiku_out["c"])), rtol=1e-6
-    )
-    np.testing.assert_allclose(np.asarray(torch_out["d"]), np.asarray(haiku_out["d"]).T, rtol=1e-6)
-    # Without the right axis the result differs: the layout matters.
-    wrong, _ = clip({"d": g_dense.T}, {"d": w_dense.T}, 0.05)
-    assert not np.allclose(np.asarray(wrong["d"]), np.asarray(haiku_out["d"]).T)
+@st.composite
+def random_trees(draw):
+    """1-4 leaves of one dtype, magnitudes 10^-m .. 10^m (m = 30, float16: 3), some zero."""
+    dtype_name = draw(st.sampled_from(sorted(DTYPES)))
+    dtype, tol, max_exp = DTYPES[dtype_name]
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    leaves = []
+    for _ in range(draw(st.integers(1, 4))):
+        shape = draw(SHAPES)
+        w = rng.standard_normal(shape) * 10.0 ** draw(st.floats(-max_exp, max_exp))
+        g = rng.standard_normal(shape) * 10.0 ** draw(st.floats(-max_exp, max_exp))
+        if len(shape) >= 2:  # Spread the units over four decades.
+            g = g * 10.0 ** rng.uniform(-2, 2, size=shape[-1])
+        if draw(st.integers(0, 4)) == 0:
+            w = np.zeros(shape)
+        leaves.append((g, w))
+    clipping = 10.0 ** draw(st.floats(-4, 0))
+    eps = draw(st.sampled_from([1e-3, 1e-6, 1e-12]))
+    return dtype_name, leaves, clipping, eps
 
 
-def test_per_leaf_unit_axes_tree_and_callable():
-    rng = np.random.default_rng(2)
-    params = {
-        "dense_out_in": rng.standard_normal((6, 4)).astype(np.float32),
-        "dense_in_out": rng.standard_normal((4, 6)).astype(np.float32),
-        "matrix_as_one_unit": rng.standard_normal((4, 6)).astype(np.float32),
-    }
-    grads = jax.tree.map(lambda x: x * 0.2, params)
-    axes = {"dense_out_in": 0, "dense_in_out": -1, "matrix_as_one_unit": None}
-    from_tree, _ = clip(grads, params, 0.05, unit_axis=axes)
-    from_fn, _ = clip(grads, params, 0.05, unit_axis=lambda p: axes)
-    expected = {
-        "dense_out_in": np_agc_leaf(grads["dense_out_in"].T, params["dense_out_in"].T, 0.05).T,
-        "dense_in_out": np_agc_leaf(grads["dense_in_out"], params["dense_in_out"], 0.05),
-        "matrix_as_one_unit": np_agc_leaf(
-            grads["matrix_as_one_unit"].reshape(-1), params["matrix_as_one_unit"].reshape(-1), 0.05
-        ).reshape(4, 6),
-    }
-    for out in (from_tree, from_fn):
-        for key, value in expected.items():
-            np.testing.assert_allclose(np.asarray(out[key]), value, rtol=2e-5, err_msg=key)
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(case=random_trees())
+def test_rule_exact_over_dtypes_and_magnitudes_against_float64_numpy(case):
+    dtype_name, leaves, clipping, eps = case
+    dtype, tol, _ = DTYPES[dtype_name]
+    grads = [jnp.asarray(g, dtype) for g, _ in leaves]
+    params = [jnp.asarray(w, dtype) for _, w in leaves]
+    out, _ = clip(grads, params, clipping, eps=eps)
+    for g, w, o in zip(grads, params, out, strict=True):
+        g64, w64 = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert o.dtype == g.dtype
+        o64 = np.asarray(o, np.float64)
+        assert np.all(np.isfinite(o64)), dtype_name
+        bound = clipping * np.maximum(np_unit_norms(w64), eps)
+        ratio = np_unit_norms(g64) / bound
+        clear = np.broadcast_to(np.abs(ratio - 1) > 1e-4, g.shape)  # not at the boundary
+        over = np.broadcast_to(ratio > 1, g.shape)
+        # Units under the bound keep their bits; units over it follow the exact rule.
+        np.testing.assert_array_equal(o64[clear & ~over], g64[clear & ~over])
+        expected = np_agc_leaf(g64, w64, clipping, eps)
+        unit_bound = np.broadcast_to(bound, g.shape)
+        sel = clear & over
+        # The output dtype's resolution: its relative precision, and its subnormal spacing
+        # (a float16 bound of 1e-6 is only representable to ~6e-8).
+        spacing = float(jnp.finfo(dtype).smallest_subnormal)
+        atol = max(float(tol * np.max(unit_bound, initial=0)), spacing)
+        np.testing.assert_allclose(o64[sel], expected[sel], rtol=tol, atol=atol)
+        new_norm = np.broadcast_to(np_unit_norms(o64), g.shape)
+        np.testing.assert_allclose(
+            new_norm[sel], unit_bound[sel], rtol=2 * tol, atol=spacing * np.sqrt(g.size)
+        )
 
 
-def test_unitwise_norm_layouts():
-    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    np.testing.assert_allclose(
-        np.asarray(agc.unitwise_norm(x)),
-        np.sqrt((x.astype(np.float64) ** 2).sum((0, 1), keepdims=True)),
-        rtol=1e-6,
-    )
-    np.testing.assert_allclose(
-        np.asarray(agc.unitwise_norm(x, 1)),
-        np.sqrt((x.astype(np.float64) ** 2).sum((0, 2), keepdims=True)),
-        rtol=1e-6,
-    )
-    gain_pytorch = np.full((5, 1, 1, 1), 2.0, np.float32)
-    assert agc.unitwise_norm(gain_pytorch, 0).shape == (1, 1, 1, 1)
-    np.testing.assert_allclose(
-        float(agc.unitwise_norm(gain_pytorch, 0).squeeze()), np.sqrt(20.0), rtol=1e-6
-    )
-    assert agc.unitwise_norm(jnp.ones((), jnp.bfloat16)).dtype == jnp.float32
-
-
-# ----------------------------------------------------------------------------- masks
-
-
-def fake_nfnet_params(prefix="NFNet"):
-    leaf = lambda *s: np.ones(s, np.float32)
-    return {
-        f"{prefix}/~/stem_conv0": {"w": leaf(3, 3, 3, 4), "gain": leaf(4), "bias": leaf(4)},
-        f"{prefix}/~/nf_block": {"skip_gain": leaf()},
-        f"{prefix}/~/nf_block/~/squeeze_excite/~/linear": {"w": leaf(4, 2), "b": leaf(2)},
-        f"{prefix}/~/nf_block/~/squeeze_excite/~/linear_1": {"w": leaf(2, 4), "b": leaf(4)},
-        f"{prefix}/~/linear": {"w": leaf(4, 10), "b": leaf(10)},
-    }
-
-
-@pytest.mark.parametrize("prefix", ["NFNet", "NF_ResNet", "outer/~/NFNet"])
-def test_nfnet_mask_excludes_only_the_classifier_weight(prefix):
-    params = fake_nfnet_params(prefix)
-    mask = registry.agc_mask(params)
-    unclipped = [
-        p
-        for p, m in zip(treepaths.param_paths(params), jax.tree.leaves(mask), strict=True)
-        if not m
-    ]
-    assert unclipped == [f"{prefix}/~/linear/w"]
-
-
-def test_nfnet_mask_on_real_f0_tree():
-    shapes = f0_shapes()
-    mask = registry.agc_mask(shapes)
-    paths = treepaths.param_paths(shapes)
-    flags = dict(zip(paths, jax.tree.leaves(mask), strict=True))
-    assert [p for p, m in flags.items() if not m] == [CLASSIFIER_W]
-    assert flags["NFNet/~/linear/b"]
-    se = [p for p in paths if "squeeze_excite" in p]
-    assert len(se) == 4 * 12 and all(flags[p] for p in se)
-
-
-def test_pattern_masks_regex_and_glob():
-    params = fake_nfnet_params()
-    by_regex = treepaths.mask_from_patterns(params, exclude=[r".*/b", r".*/bias"])
-    by_glob = treepaths.mask_from_patterns(params, exclude=["*/b", "*/bias"], syntax="glob")
-    assert by_regex == by_glob
-    assert by_regex["NFNet/~/stem_conv0"] == {"w": True, "gain": True, "bias": False}
-    only_se = treepaths.mask_from_patterns(params, include="*squeeze_excite*", syntax="glob")
-    assert [
-        p for p, m in zip(treepaths.param_paths(params), jax.tree.leaves(only_se), strict=True) if m
-    ] == [p for p in treepaths.param_paths(params) if "squeeze_excite" in p]
-    # Generic pytrees: lists, tuples and nested dicts get index / key paths.
-    tree = {"params": [{"kernel": 1.0}, ({"kernel": 2.0, "bias": 3.0},)]}
-    assert treepaths.param_paths(tree) == [
-        "params/0/kernel",
-        "params/1/0/bias",
-        "params/1/0/kernel",
-    ]
-    assert treepaths.mask_from_patterns(tree, exclude="params/1/0/kernel") == {
-        "params": [{"kernel": True}, ({"kernel": False, "bias": True},)]
-    }
-
-
-def test_pattern_that_matches_nothing_lists_available_paths():
-    params = fake_nfnet_params()
-    with pytest.raises(ValueError, match=r"matched no parameter") as info:
-        treepaths.mask_from_patterns(params, exclude=["NFNet/~/head/w"])
-    assert "NFNet/~/linear/w" in str(info.value)
-    assert "NFNet/~/nf_block/skip_gain" in str(info.value)
-    tx = agc.adaptive_grad_clip(0.01, mask=treepaths.exclude_paths("NFNet/linear/w"))
-    with pytest.raises(ValueError, match=r"\['NFNet/linear/w'\].*matched no parameter"):
-        tx.init(params)
-    with pytest.raises(ValueError, match="matched no parameter"):
-        registry.agc_mask({"MyNet/~/linear": {"w": np.ones(2)}})
-
-
-def test_mask_prefix_and_callable():
-    rng = np.random.default_rng(3)
-    params = {
-        "body": {"w": rng.standard_normal((4, 4)).astype(np.float32)},
-        "head": {"w": rng.standard_normal((4, 2)).astype(np.float32), "b": np.zeros(2, np.float32)},
-    }
-    grads = jax.tree.map(lambda x: np.full_like(x, 10.0), params)
-    for mask in ({"body": True, "head": False}, lambda p: {"body": True, "head": False}):
-        out, _ = clip(grads, params, 0.01, mask=mask)
-        np.testing.assert_array_equal(np.asarray(out["head"]["w"]), 10.0)
-        np.testing.assert_array_equal(np.asarray(out["head"]["b"]), 10.0)
-        assert np.all(np.asarray(out["body"]["w"]) < 10.0)
-
-
-def test_none_gradients_pass_through():
-    params = {"a": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
-    grads = {"a": np.full((2, 3), 5.0, np.float32), "b": None}
-    out, state = clip(grads, params, 0.01)
-    assert out["b"] is None
-    assert np.all(np.asarray(out["a"]) < 5.0)
+def test_exact_when_clipping_times_eps_is_below_the_old_division_guard():
+    # clipping * eps = 1e-7: the unit norm must become 1e-7 (a max(||G||, 1e-6) guard gave
+    # 5e-8 here).
+    w = {"w": jnp.zeros((4, 3))}
+    g = {"w": jnp.full((4, 3), 2.5e-7 / 2.0)}  # Unit norm 2.5e-7 over 4 elements.
+    out, state = clip(g, w, 1e-4)
+    np.testing.assert_allclose(np_unit_norms(np.asarray(out["w"])), 1e-7, rtol=1e-6)
     assert int(state.num_clipped) == 3
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def test_clipped_fraction_readable_from_any_chain():
-    params = {"a": np.ones((4, 4), np.float32), "b": np.ones((4, 4), np.float32)}
-    grads = {
-        "a": np.full((4, 4), 1.0, np.float32),
-        "b": np.tile(np.array([1.0, 1e-5, 1e-5, 1e-5], np.float32), (4, 1)),
-    }
-    # a: 4 of 4 units clipped; b: 1 of 4.
-    expected_fraction = 5 / 8
-    chains = {
-        "chain": optax.chain(agc.adaptive_grad_clip(0.01), optax.sgd(0.1, momentum=0.9)),
-        "masked": optax.masked(agc.adaptive_grad_clip(0.01), {"a": True, "b": True}),
-        "inject": optax.chain(
-            optax.inject_hyperparams(agc.adaptive_grad_clip, static_args=("unit_axis",))(
-                clipping=0.01
-            ),
-            optax.scale(-1.0),
-        ),
-        "multi": optax.multi_transform(
-            {"clip": agc.adaptive_grad_clip(0.01), "sgd": optax.sgd(0.1)},
-            {"a": "clip", "b": "clip"},
-        ),
-    }
-    for name, tx in chains.items():
-        state = tx.init(params)
-        assert float(agc.clipped_fraction(state)) == 0.0, name
-        _, state = jax.jit(tx.update)(grads, state, params)
-        np.testing.assert_allclose(
-            float(agc.clipped_fraction(state)), expected_fraction, err_msg=name
-        )
-    # Inside optax.masked with a partial mask, only the selected leaves are counted.
-    partial = optax.masked(agc.adaptive_grad_clip(0.01), {"a": False, "b": True})
-    _, state = partial.update(grads, partial.init(params), params)
-    np.testing.assert_allclose(float(agc.clipped_fraction(state)), 1 / 4)
-    with pytest.raises(ValueError, match="No adaptive_grad_clip state"):
-        agc.clipped_fraction(optax.sgd(0.1).init(params))
-    two = optax.chain(agc.adaptive_grad_clip(0.01), agc.adaptive_grad_clip(0.02))
-    with pytest.raises(ValueError, match="Found 2 adaptive_grad_clip states"):
-        agc.clipped_fraction(two.init(params))
-
-
-def test_per_param_clipped_fraction():
-    params = {
-        "a": np.ones((4, 4), np.float32),
-        "b": np.ones((4, 4), np.float32),
-        "skip": np.ones((4,), np.float32),
-    }
-    grads = {
-        "a": np.full((4, 4), 1.0, np.float32),
-        "b": np.tile(np.array([1.0, 1e-5, 1e-5, 1e-5], np.float32), (4, 1)),
-        "skip": np.full((4,), 1.0, np.float32),
-    }
-    tx = agc.adaptive_grad_clip(
-        0.01, mask={"a": True, "b": True, "skip": False}, track_per_param=True
+def test_huge_and_tiny_finite_gradients_are_clipped_to_the_bound():
+    # A unit norm above ~1.8e19 overflows a float32 sum of squares: it must still be clipped
+    # to the bound (not zeroed), and a 1e-25 gradient still measured.
+    w = {"big": jnp.ones((4, 3)), "tiny_w": jnp.full((4, 3), 1e-20)}
+    g = {"big": jnp.full((4, 3), 1e25), "tiny_w": jnp.full((4, 3), 1e-25)}
+    out, state = clip(g, w, 0.01, eps=1e-30)
+    np.testing.assert_allclose(np_unit_norms(np.asarray(out["big"])), 0.02, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["big"]), 0.01, rtol=1e-6)
+    # ||G_i|| = 2e-25 > 0.01 * 2e-20? No: 2e-25 < 2e-22, so the tiny gradient is kept.
+    np.testing.assert_array_equal(np.asarray(out["tiny_w"]), np.asarray(g["tiny_w"]))
+    out2, _ = clip({"w": jnp.full((4, 3), 1e-18)}, {"w": jnp.full((4, 3), 1e-20)}, 0.01, eps=0)
+    np.testing.assert_allclose(np_unit_norms(np.asarray(out2["w"])), 2e-22, rtol=1e-6)
+    assert int(state.num_clipped) == 3
+    np.testing.assert_allclose(
+        np.asarray(agc.unitwise_norm(jnp.full((4, 3), 1e30))), 2e30, rtol=1e-6
     )
-    _, state = tx.update(grads, tx.init(params), params)
-    per_param = agc.per_param_clipped_fraction(state)
-    assert set(per_param) == {"a", "b"}
-    assert float(per_param["a"]) == 1.0 and float(per_param["b"]) == 0.25
-    assert float(agc.clipped_fraction(state)) == 5 / 8
-    untracked = agc.adaptive_grad_clip(0.01)
-    with pytest.raises(ValueError, match="track_per_param=True"):
-        agc.per_param_clipped_fraction(untracked.init(params))
 
 
-# ----------------------------------------------------------------------------- errors
+def test_same_bits_as_the_plain_float32_formula_in_range():
+    # Power-of-two scaling is exact: where the plain sum of squares neither overflows nor
+    # underflows, the result has the plain formula's bits.
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) * 0.02, jnp.float32)
+    g = g * jnp.asarray(10.0 ** rng.uniform(-1.5, 1.5, 32), jnp.float32)
+
+    def plain(g, w):
+        axes = (0, 1, 2)
+        g_norm = jnp.sqrt(jnp.sum(g * g, axis=axes, keepdims=True))
+        max_norm = 0.01 * jnp.maximum(jnp.sqrt(jnp.sum(w * w, axis=axes, keepdims=True)), 1e-3)
+        return jnp.where(g_norm > max_norm, g * (max_norm / g_norm), g)
+
+    ours = jax.jit(lambda g, w: clip({"k": g}, {"k": w}, 0.01))(g, w)[0]["k"]
+    one_pass = jax.jit(lambda g, w: clip({"k": g}, {"k": w}, 0.01, overflow_safe=False))
+    expected = jax.jit(plain)(g, w)
+    assert 0 < int(jnp.sum(ours != g)) < g.size  # a mix of clipped and kept units
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(one_pass(g, w)[0]["k"]), np.asarray(expected))
+    # The one-pass sums overflow above ~1.8e19: that unit passes through, not zeroed.
+    huge = g.at[..., 0].set(1e19)
+    out = np.asarray(one_pass(huge, w)[0]["k"])
+    np.testing.assert_array_equal(out[..., 0], np.float32(1e19))
+    np.testing.assert_array_equal(out[..., 1:], np.asarray(expected)[..., 1:])
 
 
-def test_missing_params_error():
-    tx = agc.adaptive_grad_clip(0.01)
-    params = {"w": np.ones((2, 2), np.float32)}
-    with pytest.raises(ValueError, match="needs the current parameters"):
-        tx.update(params, tx.init(params))
-    with pytest.raises(ValueError, match="needs the current parameters"):
-        chain = optax.chain(tx, optax.sgd(0.1))
-        chain.update(params, chain.init(params), None)
-
-
-def test_mismatched_structure_errors():
-    tx = agc.adaptive_grad_clip(0.01)
-    params = {"conv": {"w": np.ones((2, 2), np.float32)}, "linear": {"w": np.ones(2, np.float32)}}
-    state = tx.init(params)
-    with pytest.raises(
-        ValueError, match=r"different tree structures: only in params: \['linear/w'\]"
-    ):
-        tx.update({"conv": {"w": np.ones((2, 2), np.float32)}}, state, params)
-    with pytest.raises(ValueError, match=r"only in updates: \['conv/b'\]"):
-        tx.update(
-            {
-                "conv": {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)},
-                "linear": {"w": np.ones(2, np.float32)},
-            },
-            state,
-            params,
-        )
-    with pytest.raises(ValueError, match=r"update for 'linear/w' has shape \(3,\)"):
-        tx.update(
-            {"conv": {"w": np.ones((2, 2), np.float32)}, "linear": {"w": np.ones(3, np.float32)}},
-            state,
-            params,
-        )
-    bad_mask = agc.adaptive_grad_clip(0.01, mask={"conv": True})
-    with pytest.raises(ValueError, match="mask tree does not match the params tree"):
-        bad_mask.init(params)
-    bad_axis = agc.adaptive_grad_clip(0.01, unit_axis=2)
-    with pytest.raises(ValueError, match=r"unit axis 2 is invalid for the leaf 'conv/w'"):
-        bad_axis.update(params, bad_axis.init(params), params)
-    with pytest.raises(ValueError, match="clipping must be > 0"):
-        agc.adaptive_grad_clip(0.0)
-
-
-def test_traced_mask_error():
-    params = {"w": jnp.ones((2, 2))}
-    tx = agc.adaptive_grad_clip(0.01, mask=lambda p: {"w": jnp.sum(p["w"]) > 0})
-    with pytest.raises(ValueError, match="mask entry for 'w' is a traced value"):
-        jax.jit(tx.update)(
-            params, agc.AdaptiveGradClipState(jnp.zeros([]), jnp.zeros([], jnp.int32), {}), params
-        )
+def test_non_finite_gradients_pass_through_and_stay_non_finite():
+    w = {"k": jnp.ones((4, 3))}
+    g = np.full((4, 3), 10.0, np.float32)
+    g[0, 0], g[1, 1] = np.nan, np.inf
+    out, state = clip({"k": jnp.asarray(g)}, w, 0.01)
+    out = np.asarray(out["k"])
+    # Units 0 and 1 are not finite: unchanged, so the NaN / inf reaches the update.
+    np.testing.assert_array_equal(out[:, :2], g[:, :2])
+    np.testing.assert_allclose(np_unit_norms(out[:, 2:]), 0.02, rtol=1e-6)
+    assert int(state.num_clipped) == 1

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from nfnets_jax import agc
+from nfnets_jax import agc, treepaths
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AGC_DOC = ROOT / "docs" / "agc.md"
@@ -38,17 +38,22 @@ README_AGC_BLOCKS = [b for b in python_blocks(README.read_text()) if "adaptive_g
 PROMISES = {
     0: (0.01, "mlp/~/linear_1/w", -1),
     1: (0.01, "params/head/kernel", -1),
-    2: (0.01, "fc/weight", 0),
-    3: (0.01, "NFNet/~/linear/w", -1),
+    2: (0.01, "head/kernel", -1),
+    3: (0.01, "fc/weight", 0),
+    4: (0.01, "layers/1/weight", 0),
+    5: (0.01, "NFNet/~/linear/w", -1),
 }
+OPTIMIZER_EXAMPLE = 5
 
 
-def test_section_has_haiku_flax_pytree_and_optimizer_examples():
-    assert len(BLOCKS) == 4
+def test_section_has_haiku_linen_nnx_pytree_equinox_and_optimizer_examples():
+    assert len(BLOCKS) == len(PROMISES)
     assert "import haiku" in BLOCKS[0]
-    assert "import flax" in BLOCKS[1]
-    assert "unit_axis=0" in BLOCKS[2]
-    assert "optim.make_optimizer" in BLOCKS[3]
+    assert "import flax.linen" in BLOCKS[1]
+    assert "from flax import nnx" in BLOCKS[2] and "nnx.Optimizer" in BLOCKS[2]
+    assert "unit_axis=0" in BLOCKS[3]
+    assert "import equinox" in BLOCKS[4] and "unit_axis=0" in BLOCKS[4]
+    assert "optim.make_optimizer" in BLOCKS[OPTIMIZER_EXAMPLE]
 
 
 @pytest.fixture
@@ -91,7 +96,7 @@ def check_agc_call(call, clipping, excluded, unit_axis):
     leaves = zip(flat, jax.tree.leaves(grads), jax.tree.leaves(out), strict=True)
     over = under = 0
     for (path, w), g, c in leaves:
-        name = "/".join(str(k.key) for k in path)
+        name = treepaths.path_to_str(path)
         g, c = np.asarray(g), np.asarray(c)
         max_norm = clipping * np.maximum(unit_norms(w, unit_axis), EPS)
         g_norm = unit_norms(g, unit_axis)
@@ -103,7 +108,7 @@ def check_agc_call(call, clipping, excluded, unit_axis):
         # Units over the bound: same direction, norm exactly clipping * max(||W_i||, eps).
         np.testing.assert_allclose(
             np.where(is_over, c, 0.0),
-            np.where(is_over, g * max_norm / np.maximum(g_norm, 1e-6), 0.0),
+            np.where(is_over, g * max_norm / np.where(is_over, g_norm, 1.0), 0.0),
             rtol=2e-6,
             atol=1e-12,
             err_msg=name,
@@ -141,7 +146,7 @@ def optimizer_example_update(namespace, calls):
     optimizer = namespace["optimizer"]
     optimizer.update(grads, optimizer.init(params), params)
     assert len(calls) == 1
-    over, under = check_agc_call(calls[0], *PROMISES[3])
+    over, under = check_agc_call(calls[0], *PROMISES[OPTIMIZER_EXAMPLE])
     # Over: stem gain and bias, SE w (2 units) and b, classifier b; under: the stem's 4 units.
     assert (over, under) == (6, 4)
 

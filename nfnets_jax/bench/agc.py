@@ -1,6 +1,7 @@
 """AGC benchmark: AGC and the reference optimizer update on a real NFNet parameter tree.
 
-Times, jitted and round-robin (`timing.round_robin`): this project's AGC alone, optax's
+Times, jitted and round-robin (`timing.round_robin`): this project's AGC alone (overflow-safe
+norms, the default, and `overflow_safe=False`), optax's
 `adaptive_grad_clip` alone, plain Nesterov SGD + `apply_updates`, the reference optimizer
 (AGC -> weight decay -> Nesterov SGD, `optim.make_optimizer`) + `apply_updates`, and,
 to put them in perspective, the trainer's forward + backward pass (`step.jax_program`'s
@@ -64,11 +65,17 @@ def run(
     grads = jax.tree.map(lambda p: 0.01 * jax.random.normal(key, p.shape), params)
     schedule = optim.warmup_cosine_schedule(1.6, 10, 100)
     ours = agc.adaptive_grad_clip(0.01, mask=registry.agc_mask)
+    plain = agc.adaptive_grad_clip(0.01, mask=registry.agc_mask, overflow_safe=False)
     theirs = optax.adaptive_grad_clip(0.01)
     sgd = optax.sgd(schedule, momentum=0.9, nesterov=True)
     reference = optim.make_optimizer(learning_rate=schedule)
     cases = [
         ("AGC alone (nfnets_jax.agc)", ours.update, (grads, ours.init(params), params)),
+        (
+            "AGC alone (nfnets_jax.agc, overflow_safe=False)",
+            plain.update,
+            (grads, plain.init(params), params),
+        ),
         (
             "AGC alone (optax.adaptive_grad_clip)",
             theirs.update,

@@ -163,6 +163,7 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: Plan) -> optax.Gradi
         weight_decay=config.weight_decay,
         momentum=config.momentum,
         nesterov=config.nesterov,
+        overflow_safe=config.agc_overflow_safe,
     )
     if not config.sam.enabled:
         return base
