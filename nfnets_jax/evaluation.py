@@ -21,9 +21,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from nfnets_jax import parallel
-from nfnets_jax.checkpoints import loading, tree, zoo
+from nfnets_jax.checkpoints import loading, run_record, tree, zoo
 from nfnets_jax.models import registry
 
 ApplyFn = registry.ApplyFn
@@ -176,6 +177,8 @@ class EvalReport:
       result: the measured accuracy.
       published_top1, published_top5: the paper's ImageNet numbers (%), or None.
       published_resolution: the resolution those were measured at.
+      notes: lines to show with the result: what a workdir's record set, flags that
+        override it, a class-count mismatch.
     """
 
     checkpoint: str
@@ -186,6 +189,7 @@ class EvalReport:
     published_top1: float | None = None
     published_top5: float | None = None
     published_resolution: int | None = None
+    notes: tuple[str, ...] = ()
 
 
 def describe_model(kwargs: Mapping[str, Any]) -> str:
@@ -201,9 +205,36 @@ def published(variant: str) -> tuple[float, float] | None:
     return None if entry is None else (entry.top1, entry.top5)
 
 
+def _load_for_evaluation(
+    checkpoint: str,
+    variant: str | None,
+    ema: bool,
+    step: int | None,
+    params: hk.Params | None,
+    model_kwargs: Mapping[str, Any] | None,
+) -> tuple[hk.Params, str, dict[str, Any], run_record.RunRecord | None]:
+    """(params, model name, model kwargs, the workdir's record or None)."""
+    if params is not None:
+        kwargs = dict(model_kwargs or tree.model_kwargs(params))
+        kwargs.setdefault("numerics", "reference")
+        return params, "NFNet", kwargs, None
+    record = run_record.read(checkpoint)
+    if record is not None:  # A training workdir: its own model, as recorded.
+        return (
+            run_record.load_params(record, step, ema),
+            record.model_name,
+            dict(record.model_kwargs),
+            record,
+        )
+    if step is not None:
+        raise ValueError(f"step={step} applies to training workdirs only, not to {checkpoint!r}.")
+    params, kwargs = loading.load(checkpoint, variant=variant, ema=ema)
+    return params, "NFNet", kwargs, None
+
+
 def evaluate_checkpoint(
     checkpoint: str,
-    dataset: str = "imagenet2012",
+    dataset: str | None = None,
     *,
     variant: str | None = None,
     resolution: int | None = None,
@@ -217,17 +248,21 @@ def evaluate_checkpoint(
     margin: int | None = None,
     params: hk.Params | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    step: int | None = None,
 ) -> EvalReport:
     """Accuracy of a checkpoint on a dataset with the paper's protocol (REFERENCE §5).
 
-    Images are squash-resized (bicubic) to (S + 32)^2 and centre-cropped to S^2 by
-    `data.pipeline.eval_iterator`; S is the variant's test resolution unless `resolution`
-    overrides it. Every example of the split is counted exactly once.
+    Images are squash-resized (bicubic) to (S + margin)^2 and centre-cropped to S^2 by
+    `data.pipeline.eval_iterator`. For a training workdir, the model, its options, S, the
+    margin, the dataset and the split are the run's own (its config.json, see
+    `checkpoints.run_record`) unless an argument overrides them, which the report's notes
+    (and a logged warning) say; otherwise S is the variant's test resolution, the dataset
+    ImageNet. Every example of the split is counted exactly once.
 
     Args:
       checkpoint: see `checkpoints.loading.load` (the report's label when `params` is given).
       dataset: a `data.pipeline` dataset: "imagenet2012", "digits", "tfds:<name>",
-        "folder:<path>".
+        "folder:<path>" (None: a workdir's own, else "imagenet2012").
       variant: expected variant (None: detected).
       resolution: test px override.
       global_batch_size: examples per step over all devices (default 16 per device).
@@ -237,44 +272,67 @@ def evaluate_checkpoint(
       group_conv: grouped-convolution strategy of the model.
       params, model_kwargs: evaluate these parameters (e.g. a trainer's) instead of
         loading `checkpoint`; `model_kwargs` default to `tree.model_kwargs(params)`.
+      step: for workdirs, the checkpoint step (None: the newest readable one).
 
     Returns:
       An `EvalReport`.
     """
     from nfnets_jax.data import pipeline  # TensorFlow-based; imported only to evaluate.
 
-    if params is None:
-        params, kwargs = loading.load(checkpoint, variant=variant, ema=ema)
-    else:
-        kwargs = dict(model_kwargs or tree.model_kwargs(params))
-        kwargs.setdefault("numerics", "reference")
+    params, model_name, kwargs, record = _load_for_evaluation(
+        checkpoint, variant, ema, step, params, model_kwargs
+    )
+    notes = []
+    if record is not None:
+        notes.append(f"workdir {checkpoint}: {record.describe()} (its {run_record.RECORD})")
+        notes += [
+            f"warning: {line}"
+            for line in run_record.overrides(
+                record, resolution=resolution, margin=margin, dataset=dataset
+            )
+        ]
+        resolution = resolution or record.eval_image_size
+        margin = record.eval_margin if margin is None else margin
+        split = split if split is not None or dataset is not None else record.eval_split
+        dataset = dataset or record.dataset
+    dataset = dataset or "imagenet2012"
     if numerics is not None:
         kwargs["numerics"] = numerics
     kwargs["group_conv"] = group_conv
-    spec = registry.variant("NFNet", kwargs["variant"])
-    custom = "depths" in kwargs
+    spec = registry.variant(model_name, kwargs["variant"])
+    custom = "depths" in kwargs or model_name != "NFNet"
     resolution = resolution or spec.test_px
-    global_batch_size = global_batch_size or 16 * jax.device_count()
+    info = pipeline.dataset_info(dataset, data_dir, eval_split=split, manual_dir=manual_dir)
+    if info.num_classes != kwargs["num_classes"]:
+        notes.append(
+            f"warning: the model has {kwargs['num_classes']} classes, dataset {dataset} "
+            f"has {info.num_classes}: labels are compared with the model's class ids as is"
+        )
+    for note in notes:
+        (logging.warning if note.startswith("warning") else logging.info)("%s", note)
     batches = pipeline.eval_iterator(
         dataset,
         data_dir=data_dir,
         split=split,
-        global_batch_size=global_batch_size,
+        global_batch_size=global_batch_size or 16 * jax.device_count(),
         image_size=resolution,
         margin=margin,
         manual_dir=manual_dir,
     )
-    result = evaluate(registry.logits_fn("NFNet", **kwargs), params, batches)
+    result = evaluate(registry.logits_fn(model_name, **kwargs), params, batches)
     pub = None if custom or dataset != "imagenet2012" else published(kwargs["variant"])
     return EvalReport(
         checkpoint=checkpoint,
-        model=describe_model(kwargs),
+        model=describe_model(kwargs)
+        if model_name == "NFNet"
+        else f"{model_name} {kwargs['variant']}",
         dataset=f"{dataset}:{split}" if split else dataset,
         resolution=resolution,
         result=result,
         published_top1=pub[0] if pub else None,
         published_top5=pub[1] if pub else None,
         published_resolution=spec.test_px if pub else None,
+        notes=tuple(notes),
     )
 
 

@@ -7,11 +7,14 @@
   python scripts/evaluate.py --checkpoint=/tmp/nfnets_tiny --dataset=digits --resolution=32
 
 A checkpoint is a zoo name (F0..F6, downloaded and md5-checked into $NFNETS_JAX_CACHE), a
-released pickle (loaded safely), a `.npz`, a timm `.pth`, or a training workdir (newest
-checkpoint, EMA weights unless --noema). The variant is detected from the parameters. Images
-are squash-resized (bicubic) to (S + 32)^2 and centre-cropped to S^2, S = the variant's test
-resolution unless --resolution is given. Data parallel over all devices; every example of
-the split is counted exactly once.
+released pickle (loaded safely), a `.npz`, a timm `.pth`, or a training workdir (its newest
+readable checkpoint or --step, EMA weights unless --noema). The variant is detected from the
+parameters. Images are squash-resized (bicubic) to (S + 32)^2 and centre-cropped to S^2,
+S = the variant's test resolution unless --resolution is given. A training workdir is
+evaluated as its run evaluated: its model and options, eval resolution, resize margin,
+dataset and split, from its config.json; the output says so, and warns where a flag
+overrides them. Data parallel over all devices; every example of the split is counted
+exactly once.
 """
 
 from absl import app, flags
@@ -21,7 +24,10 @@ from nfnets_jax import evaluation
 _CHECKPOINTS = flags.DEFINE_multi_string("checkpoint", None, "Checkpoint(s) to evaluate.")
 _VARIANT = flags.DEFINE_string("variant", None, "Expected variant (default: detected).")
 _DATASET = flags.DEFINE_string(
-    "dataset", "imagenet2012", "imagenet2012, digits, tfds:<name> or folder:<path>."
+    "dataset",
+    None,
+    "imagenet2012, digits, tfds:<name> or folder:<path> (default: a workdir's own dataset, "
+    "else imagenet2012).",
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 _SPLIT = flags.DEFINE_string("split", None, "Split (default: the dataset's evaluation split).")
@@ -37,6 +43,7 @@ _NUMERICS = flags.DEFINE_enum(
     "Model numerics (default: timm for .pth files, else reference).",
 )
 _EMA = flags.DEFINE_bool("ema", True, "Workdirs: evaluate the EMA parameters.")
+_STEP = flags.DEFINE_integer("step", None, "Workdirs: the checkpoint step (default: newest).")
 _GROUP_CONV = flags.DEFINE_string("group_conv", "auto", "Grouped-convolution strategy.")
 flags.mark_flag_as_required("checkpoint")
 
@@ -59,8 +66,11 @@ def main(argv: list[str]) -> None:
                 numerics=_NUMERICS.value,
                 ema=_EMA.value,
                 group_conv=_GROUP_CONV.value,
+                step=_STEP.value,
             )
         )
+        for note in reports[-1].notes:
+            print(note)
         print(evaluation.format_table(reports[-1:]), flush=True)
     if len(reports) > 1:
         print("\n" + evaluation.format_table(reports))

@@ -12,13 +12,31 @@ local or shared POSIX path (gs:// URLs are refused); resuming with a config that
 model or the optimizer state is refused unless --allow_config_change is given.
 """
 
-import logging as py_logging
+import signal
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from nfnets_jax import parallel, train
-from nfnets_jax.train import recipe
+class _EarlyStop:
+    """SIGTERM before the trainer's own handler (imports, start-up): remembered, handed on."""
+
+    requested = False
+
+    def __call__(self, signum, frame):
+        del signum, frame
+        print("SIGTERM received during start-up: stopping before training.", file=sys.stderr)
+        self.requested = True
+
+
+_EARLY_STOP = _EarlyStop()
+signal.signal(signal.SIGTERM, _EARLY_STOP)  # Before the imports, which take seconds.
+
+import logging as py_logging  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from nfnets_jax import parallel, train  # noqa: E402
+from nfnets_jax.train import recipe  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/imagenet_nfnet.py:F1.", lock_config=True
@@ -61,6 +79,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_DropLibraryChatter())
+    if _EARLY_STOP.requested:
+        logging.warning("Stopped before start-up on SIGTERM; nothing to save.")
+        return
     recipe.validate_config(_CONFIG.value)  # Fail fast, before waiting for other hosts.
     parallel.initialize_distributed(
         _COORDINATOR.value,

@@ -85,6 +85,7 @@ class DatasetInfo(typing.NamedTuple):
     num_eval: int
     eval_split: str
     eval_margin: int
+    class_names: tuple[str, ...] | None = None
 
 
 def _tf_dtype(dtype):
@@ -144,6 +145,7 @@ def dataset_info(
         source.num_examples(split),
         split,
         source.eval_margin,
+        getattr(source, "class_names", None),
     )
 
 

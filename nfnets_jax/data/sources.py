@@ -30,6 +30,7 @@ import os
 import typing
 
 import numpy as np
+from absl import logging
 
 from nfnets_jax.data import sharding, tf_runtime, tfds_source
 
@@ -76,6 +77,7 @@ class IndexSource:
       default_eval_split: split evaluated by default.
       eval_margin: resize margin of the evaluation protocol (32 for photos; 0 for digits,
         whose 8x8 images leave nothing to crop).
+      class_names: the name of each class id, when known.
     """
 
     name: str
@@ -84,6 +86,7 @@ class IndexSource:
     train_split: str = "train"
     default_eval_split: str = "test"
     eval_margin: int = 32
+    class_names: tuple[str, ...] | None = None
 
     def _split(self, split: str):
         if split not in self.splits:
@@ -169,6 +172,7 @@ def load_digits() -> IndexSource:
         num_classes=10,
         splits={"train": (images[train], labels[train]), "test": (images[test], labels[test])},
         eval_margin=0,
+        class_names=tuple(str(d) for d in range(10)),
     )
 
 
@@ -197,6 +201,11 @@ def load_folder(path: str) -> IndexSource:
         )
     reference = "train" if "train" in split_names else split_names[0]
     classes = sorted(d.name for d in os.scandir(os.path.join(path, reference)) if d.is_dir())
+    if not classes:
+        raise ValueError(
+            f"Folder dataset {os.path.join(path, reference)!r} has no class sub-folders: put "
+            f"each class's images in a folder of its own, e.g. {reference}/cat/1.jpg."
+        )
     class_ids = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split in split_names:
@@ -210,6 +219,14 @@ def load_folder(path: str) -> IndexSource:
                     f"{os.path.join(path, reference)!r}; class ids come from there."
                 )
             found = _list_images(entry.path)
+            if not found:
+                logging.warning(
+                    "Class folder %r has no images (%s); it is still class %d of %d.",
+                    entry.path,
+                    "/".join(IMAGE_EXTENSIONS),
+                    class_ids[entry.name],
+                    len(classes),
+                )
             files.extend(found)
             labels.extend([class_ids[entry.name]] * len(found))
         files, labels = np.array(files, dtype=str), np.array(labels, dtype=np.int64)
@@ -227,6 +244,7 @@ def load_folder(path: str) -> IndexSource:
         splits=splits,
         train_split="train",
         default_eval_split=eval_split,
+        class_names=tuple(classes),
     )
 
 

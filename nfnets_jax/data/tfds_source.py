@@ -37,6 +37,8 @@ class TfdsSource:
         keys = info.supervised_keys or ("image", "label")
         self.image_key, self.label_key = keys[0], keys[1]
         self.num_classes = info.features[self.label_key].num_classes
+        names = getattr(info.features[self.label_key], "names", None)
+        self.class_names = tuple(names) if names else None
         image_feature = info.features[self.image_key]
         self.encoded_jpeg = getattr(image_feature, "encoding_format", None) == "jpeg"
         self._counts = {}

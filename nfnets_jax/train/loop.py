@@ -39,7 +39,11 @@ def due(step: int, every: int) -> bool:
 
 
 class StopRequest:
-    """Turns SIGTERM into a flag the loop polls (only in the main thread)."""
+    """Turns SIGTERM into a flag the loop polls (only in the main thread).
+
+    A SIGTERM handler installed earlier (scripts/train.py installs one before its imports)
+    whose ``requested`` attribute is true hands its request on.
+    """
 
     def __init__(self):
         self.requested = False
@@ -50,6 +54,7 @@ class StopRequest:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # Not the main thread: no handler, the flag stays False.
             self._previous = None
+        self.requested = bool(getattr(self._previous, "requested", False))
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -162,7 +167,7 @@ def _start(
     recipe = recipe_lib.build_recipe(config)
     checkpointer = workdir_ckpt.Checkpointer(workdir, recipe.keep_checkpoints)
     try:  # Every process checks (same files, same verdict); process 0 writes the record.
-        record = resume.config_record(config, recipe.plan)
+        record = resume.config_record(config, recipe.plan, recipe.dataset)
         resume.check_resume_config(workdir, record, checkpointer.latest_step(), allow_config_change)
         host_state = resume.restore_or_create(recipe, checkpointer)
         resume.write_config_record(workdir, record)
@@ -250,6 +255,14 @@ def _run(
         plan.warmup_steps,
     )
     results: dict[str, Any] = {}
+    if stop.requested and jax.process_count() == 1:
+        # Stopped during start-up: nothing was trained, so nothing new to save. (With several
+        # processes the request travels with the first step, so that all stop together.)
+        logging.warning(
+            "Stop requested during start-up: stopping at step %d, nothing to save.", step
+        )
+        log.preempted = True
+        return state, step, results
     train_batches = recipe.train_batches(start_step=step)
     while step < plan.total_steps:
         if step_hook is not None:

@@ -64,18 +64,34 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{field} must be > 0, got {config[field]}.")
 
 
-def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    """(num_classes, num_train_examples) of the configured dataset.
+def dataset_info(config: ml_collections.ConfigDict) -> Any:
+    """The configured dataset's `data.pipeline.DatasetInfo` (classes, split sizes, names).
 
-    Also checks, at start-up, that the train and eval splits exist (a missing split raises
-    a ValueError naming the dataset, the split and the available splits).
+    Also checks, at start-up, that the train and eval splits exist and are not empty (a
+    missing split raises a ValueError naming the dataset, the split and the available
+    splits; an empty one names the dataset and the split).
     """
     from nfnets_jax.data import pipeline
 
     info = pipeline.dataset_info(
         config.dataset, config.data_dir or None, eval_split=config.eval_split or None
     )
-    return info.num_classes, info.num_train
+    for what, split, count in (
+        ("training", "train", info.num_train),
+        ("evaluation", info.eval_split, info.num_eval),
+    ):
+        if count == 0:
+            raise ValueError(
+                f"The {what} split {split!r} of dataset {config.dataset!r} has no examples "
+                "(for a folder dataset: no images with a known extension in its class "
+                "folders); fill it, or choose another with --config.eval_split."
+            )
+    if info.num_classes < 2:
+        raise ValueError(
+            f"Dataset {config.dataset!r} has {info.num_classes} class(es); a classifier "
+            "needs at least 2."
+        )
+    return info
 
 
 def make_plan(config: ml_collections.ConfigDict, num_classes: int, num_train_examples: int) -> Plan:
@@ -217,6 +233,8 @@ class Recipe:
       keep_checkpoints: newest checkpoints kept.
       eval_ema: also evaluate the EMA parameters.
       init_checkpoint: released weights to start from when the workdir has no checkpoint.
+      dataset: what the workdir records of the dataset for evaluation and prediction:
+        {"class_names": names or None, "eval_margin": the eval resize margin or None}.
     """
 
     config: ml_collections.ConfigDict
@@ -236,6 +254,7 @@ class Recipe:
     keep_checkpoints: int
     eval_ema: bool
     init_checkpoint: str
+    dataset: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def input_dtype(self) -> str:
         """Images in bfloat16 when computing in it (halves the transfers), else float32."""
@@ -286,22 +305,25 @@ class Recipe:
         )
 
 
-def build_recipe(
-    config: ml_collections.ConfigDict, data_info: tuple[int, int] | None = None
-) -> Recipe:
+def build_recipe(config: ml_collections.ConfigDict, data_info: Any = None) -> Recipe:
     """Reads `config` once into a `Recipe`.
 
     Args:
       config: the training config (configs/default.py declares every field).
-      data_info: (num_classes, num_train_examples); None reads them off the dataset
-        (`dataset_info`, which also checks the splits).
+      data_info: (num_classes, num_train_examples), or a `DatasetInfo`; None reads it off
+        the dataset (`dataset_info`, which also checks the splits).
 
     Raises:
       ValueError: for an invalid config (see `validate_config`, `make_plan`).
     """
     validate_config(config)
-    num_classes, num_train = dataset_info(config) if data_info is None else data_info
+    info = dataset_info(config) if data_info is None else data_info
+    num_classes, num_train = info[0], info[1]
     plan = make_plan(config, num_classes, num_train)
+    dataset = {"class_names": None, "eval_margin": None}
+    if hasattr(info, "class_names"):
+        names = info.class_names
+        dataset = {"class_names": list(names) if names else None, "eval_margin": info.eval_margin}
     return Recipe(
         config=config,
         plan=plan,
@@ -320,4 +342,5 @@ def build_recipe(
         keep_checkpoints=config.keep_checkpoints,
         eval_ema=config.eval_ema,
         init_checkpoint=config.init_checkpoint,
+        dataset=dataset,
     )

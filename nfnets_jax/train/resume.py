@@ -51,12 +51,19 @@ class ConfigMismatchError(ValueError):
     """Raised when resuming a workdir with a config that changes the model or optimizer state."""
 
 
-def config_record(config: ml_collections.ConfigDict, plan: recipe_lib.Plan) -> dict[str, Any]:
-    """What `config.json` holds: the resolved config, the derived plan and the device layout,
-    in JSON form (tuples become lists), as written and as read back."""
+def config_record(
+    config: ml_collections.ConfigDict,
+    plan: recipe_lib.Plan,
+    dataset: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What `config.json` holds: the resolved config, the derived plan, the dataset's class
+    names and eval margin (`Recipe.dataset`, read by `checkpoints.run_record` to evaluate or
+    predict with the workdir) and the device layout, in JSON form (tuples become lists), as
+    written and as read back."""
     record = {
         "config": config.to_dict(),
         "plan": dataclasses.asdict(plan),
+        "dataset": dict(dataset or {}),
         "devices": jax.device_count(),
         "processes": jax.process_count(),
     }
@@ -187,13 +194,31 @@ def check_resume_config(
 def restore_or_create(
     recipe: recipe_lib.Recipe, checkpointer: workdir_ckpt.Checkpointer
 ) -> steps.TrainState:
-    """The newest checkpoint in the workdir, else a fresh state (from `init_checkpoint`)."""
+    """The newest readable checkpoint in the workdir, else a fresh state (`init_checkpoint`).
+
+    Unreadable newer checkpoints (truncated or missing files) are skipped, and named in the
+    log; the first save moves them to `<step>.unreadable` (see `workdir.Checkpointer`).
+
+    Raises:
+      checkpoints.errors.CheckpointReadError: no checkpoint in the workdir can be read.
+      ValueError: the newest readable checkpoint does not fit the model.
+    """
     state = steps.create_train_state(
         recipe.model, recipe.optimizer, recipe.plan.train_image_size, recipe.seed
     )
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(state._asdict())
-        logging.info("Resuming from step %d in %s.", int(restored["step"]), checkpointer.directory)
+        step = int(restored["step"])
+        if checkpointer.unreadable:
+            logging.warning(
+                "Resuming from step %d in %s, the newest readable checkpoint; skipped the "
+                "unreadable newer ones: %s.",
+                step,
+                checkpointer.directory,
+                "; ".join(f"step {s}: {why}" for s, why in checkpointer.unreadable.items()),
+            )
+        else:
+            logging.info("Resuming from step %d in %s.", step, checkpointer.directory)
         return steps.TrainState(**restored)
     if recipe.init_checkpoint:
         params = load_pretrained(recipe.init_checkpoint, state.params)
