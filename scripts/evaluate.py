@@ -19,7 +19,7 @@ exactly once.
 
 from absl import app, flags
 
-from nfnets_jax import evaluation
+from nfnets_jax import cli, evaluation
 
 _CHECKPOINTS = flags.DEFINE_multi_string("checkpoint", None, "Checkpoint(s) to evaluate.")
 _VARIANT = flags.DEFINE_string("variant", None, "Expected variant (default: detected).")
@@ -77,4 +77,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

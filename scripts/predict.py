@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags
 
-from nfnets_jax import predict
+from nfnets_jax import cli, predict
 from nfnets_jax.checkpoints import loading, run_record
 from nfnets_jax.models import registry
 
@@ -89,4 +89,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

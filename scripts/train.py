@@ -35,7 +35,7 @@ import logging as py_logging  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from nfnets_jax import parallel, train  # noqa: E402
+from nfnets_jax import cli, parallel, train  # noqa: E402
 from nfnets_jax.train import recipe  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -107,4 +107,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -216,3 +216,28 @@ def test_a_single_class_is_refused_at_start_up(tmp_path):
         Image.new("RGB", (4, 4)).save(tmp_path / split / "cat" / "1.png")
     with pytest.raises(ValueError, match=r"has 1 class\(es\); a classifier needs at least 2"):
         recipe.dataset_info(config_with(dataset=f"folder:{tmp_path}"))
+
+
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("train", [f"--config={TINY}", "--config.keep_checkpoints=0"], "keep_checkpoints must"),
+        ("evaluate", ["--checkpoint=/nonexistent/run", "--dataset=digits"], "neither an existing"),
+    ],
+)
+def test_command_line_errors_are_one_line(script, args, message, tmp_path):
+    if script == "train":
+        args = [*args, f"--workdir={tmp_path / 'run'}"]
+    env = {k: v for k, v in os.environ.items() if k != "NFNETS_TRACEBACK"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", f"{script}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

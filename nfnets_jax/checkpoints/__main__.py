@@ -16,6 +16,7 @@ import sys
 import numpy as np
 from absl import app
 
+from nfnets_jax import cli
 from nfnets_jax.checkpoints import loading, released, timm_convert, tree, zoo
 
 
@@ -84,4 +85,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
