@@ -17,3 +17,18 @@ class CheckpointFormatError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """The parameter tree does not match the requested model."""
+
+
+class CheckpointReadError(CheckpointError, OSError):
+    """A training checkpoint's files cannot be read: damage (truncated, emptied or missing
+    files), never a config problem. The message lists each step tried and why it failed.
+
+    Attributes:
+      directory: the checkpoints directory (`<workdir>/checkpoints`).
+      failures: `{step: reason}` of the steps that could not be read, newest first.
+    """
+
+    def __init__(self, message: str, directory: str = "", failures: dict | None = None):
+        super().__init__(message)
+        self.directory = directory
+        self.failures = dict(failures or {})

@@ -9,18 +9,20 @@ a timm `.pth`, or a training workdir (its newest orbax checkpoint, EMA weights b
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import zipfile
 from typing import Any, TextIO
 
-from nfnets_jax.checkpoints import errors, released, timm_convert, tree, zoo
+from nfnets_jax.checkpoints import errors, released, safe_pickle, timm_convert, tree, zoo
 
 _PICKLE_PROTO = b"\x80"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
 def sniff_format(path: str) -> str:
-    """The checkpoint format of `path`: "pickle", "npz", "torch", "orbax" or "unknown"."""
+    """The checkpoint format of `path`: "pickle", "npz", "torch", "orbax", "damaged" (a zip
+    archive, the container of .npz and .pth files, that cannot be opened) or "unknown"."""
     if os.path.isdir(path):
         return "orbax"
     with open(path, "rb") as f:
@@ -32,7 +34,7 @@ def sniff_format(path: str) -> str:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except zipfile.BadZipFile:
-            return "unknown"
+            return "damaged"
         if any(n.endswith("data.pkl") for n in names):
             return "torch"
         if names and all(n.endswith(".npy") for n in names):
@@ -54,7 +56,10 @@ def load_params(
       `{module: {param: np.ndarray}}` in this project's (the release's) layout.
 
     Raises:
-      CheckpointFormatError: the file's format is not recognised.
+      CheckpointFormatError: the file's format is not recognised, or it is truncated.
+      UnsafeCheckpointError: the file asks to run code (a pickle global outside the
+        allow-list, or one torch's restricted loader refuses).
+      CheckpointReadError: a training workdir none of whose checkpoints can be read.
       FileNotFoundError: neither an existing path nor a zoo name.
     """
     path = zoo.resolve(checkpoint, progress=progress)
@@ -68,11 +73,26 @@ def load_params(
     if fmt == "npz":
         return released.load_npz(path)
     if fmt == "torch":
-        return timm_convert.load_timm_checkpoint(path)
+        return _load_torch(path)
+    if fmt == "damaged":
+        raise errors.CheckpointFormatError(
+            f"{path} is a damaged or truncated file: it starts like a zip archive (an .npz or "
+            "torch .pth checkpoint) but its directory of members cannot be read. Copy or "
+            "download it again."
+        )
     raise errors.CheckpointFormatError(
         f"{path} is not a known checkpoint format (a released pickle, .npz archive, torch "
         ".pth or training workdir)."
     )
+
+
+def _load_torch(path: str) -> released.Params:
+    """A timm `.pth`; torch's refusals and pickle errors become the project's errors."""
+    try:
+        return timm_convert.load_timm_checkpoint(path)
+    except pickle.UnpicklingError as e:
+        # `from None`: torch's own text advises weights_only=False, i.e. running the file.
+        raise safe_pickle.torch_load_error(path, e) from None
 
 
 def load(

@@ -5,13 +5,15 @@ run arbitrary code. `load` resolves only an allow-list of pure data constructors
 array/dtype/scalar reconstruction, old Haiku's `FlatMapping`, a few of dill's helpers that
 only rebuild arrays and builtin types, protocol-2 `_codecs.encode`) to functions of this
 module, never importing the module a global names; any other global is refused with
-`errors.UnsafeCheckpointError` before anything runs.
+`errors.UnsafeCheckpointError` before anything runs. `torch_load_error` turns a refusal of
+torch's own restricted loader (`torch.load(weights_only=True)`) into that same error.
 """
 
 import codecs
 import collections
 import io
 import pickle
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
@@ -272,3 +274,43 @@ def load(f: BinaryIO, name: str = "<stream>") -> Any:
 def loads(data: bytes, name: str = "<bytes>") -> Any:
     """`load` for pickle bytes in memory."""
     return load(io.BytesIO(data), name=name)
+
+
+# torch's refusal text, beyond its diagnosis, advises loading with weights_only=False (which
+# runs the file's code) or allow-listing the global: sentences with these words are dropped.
+_TORCH_ADVICE = ("weights_only", "safe_globals", "trusted", "torch.load", "http", "only load")
+_TORCH_DIAGNOSIS = re.compile(r"unsupported|not an allowed|blocked", re.IGNORECASE)
+
+
+def torch_load_error(name: str, error: BaseException) -> errors.CheckpointError:
+    """The project's error for an `UnpicklingError` of `torch.load(weights_only=True)`.
+
+    Args:
+      name: the file, for the message.
+      error: what torch raised.
+
+    Returns:
+      `UnsafeCheckpointError` when torch's restricted loader refused a global (nothing was
+      run), keeping torch's diagnosis but none of its advice; else `CheckpointFormatError`
+      (a corrupt pickle inside the archive).
+    """
+    text = str(error)
+    if "weights only load failed" not in text.lower():
+        return CheckpointFormatError(
+            f"{name} is a damaged torch checkpoint: its pickle cannot be read "
+            f"({type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else ''})."
+        )
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    diagnosis = [
+        s
+        for s in sentences
+        if _TORCH_DIAGNOSIS.search(s) and not any(w in s.lower() for w in _TORCH_ADVICE)
+    ]
+    detail = " ".join(diagnosis) or "it names an object that is not a tensor or plain data."
+    return UnsafeCheckpointError(
+        f"refusing to load {name}: this torch pickle asks to import and call something other "
+        "than tensors, numbers, strings and containers (a tampered, damaged or foreign "
+        f"file?). torch's restricted loader reports: {detail} Nothing in the file was run; "
+        "load only checkpoints that hold plain weights (e.g. convert them to .npz where they "
+        "were made)."
+    )
