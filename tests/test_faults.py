@@ -241,3 +241,21 @@ def test_command_line_errors_are_one_line(script, args, message, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_checkpoints_cli_inspects_and_exports_a_training_workdir(folder_run, tmp_path, capsys):
+    from nfnets_jax.checkpoints import __main__ as checkpoints_cli
+    from nfnets_jax.checkpoints import released
+    from nfnets_jax.checkpoints import workdir as workdir_ckpt
+
+    _, workdir, _ = folder_run
+    checkpoints_cli.main(["checkpoints", "info", workdir])
+    out = capsys.readouterr().out
+    assert "2 classes" in out, out
+    checkpoints_cli.main(["checkpoints", "to-npz", workdir, str(tmp_path / "run.npz")])
+    exported = released.load_npz(str(tmp_path / "run.npz"))
+    expected = workdir_ckpt.load_params(workdir)  # EMA parameters of the newest step
+    assert sorted(exported) == sorted(expected)
+    for module, values in expected.items():
+        for name, value in values.items():
+            np.testing.assert_array_equal(exported[module][name], value)
