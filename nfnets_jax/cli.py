@@ -1,6 +1,7 @@
 """Running a command-line entry point: absl's `app.run`, with the errors a user can act on
-(a bad flag value, a missing file, a damaged checkpoint, a diverged run) printed as one line
-naming the problem instead of a traceback. `NFNETS_TRACEBACK=1` shows the traceback.
+(a bad flag value, a missing file, a damaged checkpoint, a diverged run) printed as their
+message after `error: ` (one line, or a few for messages that list steps or fields) instead
+of a traceback. `NFNETS_TRACEBACK=1` shows the traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
         try:
             return main(argv)
         except USER_ERRORS as err:
-            if os.environ.get("NFNETS_TRACEBACK") or isinstance(err, app.UsageError):
+            if os.environ.get("NFNETS_TRACEBACK"):
                 raise
             print(f"error: {err}", file=sys.stderr)
             print("(NFNETS_TRACEBACK=1 shows where it was raised)", file=sys.stderr)

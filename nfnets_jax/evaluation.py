@@ -293,7 +293,8 @@ def evaluate_checkpoint(
         ]
         resolution = resolution or record.eval_image_size
         margin = record.eval_margin if margin is None else margin
-        split = split if split is not None or dataset is not None else record.eval_split
+        if split is None and dataset in (None, record.dataset):
+            split = record.eval_split
         dataset = dataset or record.dataset
     dataset = dataset or "imagenet2012"
     if numerics is not None:

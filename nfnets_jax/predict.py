@@ -7,6 +7,7 @@ workdir's recorded names, ImageNet's for 1000 classes, else "class <i>").
 """
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,11 @@ def class_names(
     if labels_file:
         with open(labels_file, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
-    if recorded and len(recorded) == num_classes:
+    # ImageNet's TFDS label names are WordNet ids (n01440764...): the readable names win.
+    imagenet_ids = num_classes == labels.NUM_CLASSES and all(
+        re.fullmatch(r"n\d{8}", name) for name in recorded or ()
+    )
+    if recorded and len(recorded) == num_classes and not imagenet_ids:
         return list(recorded)
     if num_classes == labels.NUM_CLASSES:
         return labels.imagenet_names()

@@ -333,11 +333,10 @@ def per_leaf(option: Any, params: Any, what: str, owner: str = "") -> list[Any]:
             lambda v, sub: jax.tree.map(lambda _: v, sub), option, params, is_leaf=is_none
         )
     except (ValueError, TypeError) as err:
-        hint = f" ({INJECT_HYPERPARAMS_HINT})" if _is_step_count(option) else ""
         raise ValueError(
             f"{owner + ': ' if owner else ''}the {what} tree does not match the params tree "
             "(it must have the same structure as params, or be a prefix of it): "
-            f"{structure_diff(option, params, what, 'params')}{hint}"
+            f"{structure_diff(option, params, what, 'params')}"
         ) from err
     return jax.tree.structure(params).flatten_up_to(expanded)
 

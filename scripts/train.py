@@ -12,23 +12,22 @@ local or shared POSIX path (gs:// URLs are refused); resuming with a config that
 model or the optimizer state is refused unless --allow_config_change is given.
 """
 
+import os
 import signal
 import sys
 
 
-class _EarlyStop:
-    """SIGTERM before the trainer's own handler (imports, start-up): remembered, handed on."""
+def _exit_before_training(signum, frame):
+    """SIGTERM outside the training loop (imports, start-up, waiting for other hosts): there
+    is nothing trained to save, so exit 0 at once. The loop installs its own handler, which
+    saves a checkpoint first."""
+    del signum, frame
+    print("SIGTERM received outside training: nothing to save, exiting.", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(0)  # Not SystemExit: raised inside a callback (gc, a thread), it would be lost.
 
-    requested = False
 
-    def __call__(self, signum, frame):
-        del signum, frame
-        print("SIGTERM received during start-up: stopping before training.", file=sys.stderr)
-        self.requested = True
-
-
-_EARLY_STOP = _EarlyStop()
-signal.signal(signal.SIGTERM, _EARLY_STOP)  # Before the imports, which take seconds.
+signal.signal(signal.SIGTERM, _exit_before_training)  # Before the imports, which take seconds.
 
 import logging as py_logging  # noqa: E402
 
@@ -79,9 +78,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_DropLibraryChatter())
-    if _EARLY_STOP.requested:
-        logging.warning("Stopped before start-up on SIGTERM; nothing to save.")
-        return
     recipe.validate_config(_CONFIG.value)  # Fail fast, before waiting for other hosts.
     parallel.initialize_distributed(
         _COORDINATOR.value,

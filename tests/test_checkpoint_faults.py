@@ -268,3 +268,30 @@ def test_truncated_npz_is_reported_as_damaged(tmp_path):
     with pytest.raises(errors.CheckpointFormatError, match="damaged or truncated") as info:
         loading.load_params(path, progress=None)
     assert path in str(info.value) and "not a known checkpoint format" not in str(info.value)
+
+
+def test_agc_state_of_earlier_checkpoints_restores(tmp_path):
+    # Checkpoints written before AdaptiveGradClipState gained its static `num_units` held a
+    # NamedTuple with the same three leaves: they must restore into today's state.
+    import typing
+
+    import optax
+
+    from nfnets_jax import agc
+
+    class EarlierState(typing.NamedTuple):
+        clipped_fraction: np.ndarray
+        num_clipped: np.ndarray
+        per_param_clipped_fraction: dict
+
+    params = {"w": np.ones((3, 2), np.float32)}
+    tx = optax.chain(agc.adaptive_grad_clip(0.01), optax.sgd(0.1, momentum=0.9))
+    template = {"opt_state": jax.device_get(tx.init(params)), "step": np.int32(0)}
+    earlier = (EarlierState(np.float32(0.5), np.int32(1), {}), template["opt_state"][1])
+    checkpointer = workdir_ckpt.Checkpointer(str(tmp_path))
+    checkpointer.save(1, {"opt_state": earlier, "step": np.int32(1)})
+    restored = checkpointer.restore(template)
+    state = agc.find_state(restored["opt_state"])
+    assert float(state.clipped_fraction) == 0.5 and int(state.num_clipped) == 1
+    assert state.num_units == 2  # From today's transform: 2 output units of w.
+    checkpointer.close()

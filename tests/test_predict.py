@@ -47,6 +47,13 @@ def test_imagenet_names():
                 assert f.read().split() == wnids
 
 
+def test_class_names_prefer_labels_then_recorded_then_imagenet():
+    assert predict.class_names(2, recorded=("cat", "dog")) == ["cat", "dog"]
+    assert predict.class_names(3, recorded=("cat", "dog")) == ["class 0", "class 1", "class 2"]
+    wnids = [f"n{i:08d}" for i in range(1000)]  # imagenet2012's TFDS names
+    assert predict.class_names(1000, recorded=wnids)[1].startswith("goldfish")
+
+
 def test_classify_files(imagenet_tiny):
     params, _, paths = imagenet_tiny
     apply_fn = registry.logits_fn("NFNet", variant="F0", num_classes=1000, **TINY)

@@ -1,7 +1,8 @@
 """Unit-wise norms and the clipping of one leaf: the arithmetic of AGC.
 
 Norms are overflow- and underflow-safe in float32: each unit is multiplied by the power of
-two that brings its largest magnitude into [1, 2) before the sum of squares, and the norm is
+two that brings its largest magnitude into [1, 2) (into [2, 4) for magnitudes of 2**127 and
+above) before the sum of squares, and the norm is
 divided by it afterwards. Scaling by a power of two is exact, so wherever the plain float32
 sum of squares neither overflows (a unit norm above ~1.8e19) nor underflows (below ~1e-19)
 the result has the plain computation's bits; elsewhere it is still the correctly scaled

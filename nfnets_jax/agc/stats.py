@@ -65,7 +65,8 @@ def clipped_fraction(opt_state: optax.OptState) -> jax.Array:
     """Fraction of units rescaled by AGC in the last update, read from ``opt_state``.
 
     With several AGC states (e.g. one per ``optax.multi_transform`` group) this is the
-    fraction over all their units: their clipped units over their units.
+    fraction over all their units: their clipped units over their selected units (units of
+    leaves without a gradient count as not clipped).
 
     Args:
       opt_state: Any optimizer state containing at least one :func:`adaptive_grad_clip`
@@ -82,7 +83,7 @@ def clipped_fraction(opt_state: optax.OptState) -> jax.Array:
         return find_state(opt_state).clipped_fraction
     clipped = sum(s.num_clipped for s in found.values())
     units = sum(s.num_units for s in found.values())
-    return jnp.asarray(clipped, jnp.float32) / jnp.maximum(units, 1)
+    return jnp.asarray(clipped, jnp.float32) / max(units, 1)
 
 
 def per_param_clipped_fraction(opt_state: optax.OptState) -> dict[str, jax.Array]:

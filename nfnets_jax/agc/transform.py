@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,25 +21,42 @@ _OWNER = "adaptive_grad_clip"  # Prefix of error messages about the options.
 UnitAxes = int | None | Any | Callable[[optax.Params], Any]
 
 
-class AdaptiveGradClipState(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class AdaptiveGradClipState:
     """State of :func:`adaptive_grad_clip`: statistics of the most recent update.
+
+    A pytree whose leaves are the first three fields, in this order (the leaves and their
+    paths are those of the earlier NamedTuple state, so older checkpoints restore into it);
+    `num_units` is static.
 
     Attributes:
       clipped_fraction: float32 scalar, fraction of output units (over all leaves that the
-        mask selects for clipping) whose gradient was rescaled by the last update; 0 after
-        ``init``.
+        mask selects for clipping and that had a gradient) whose gradient was rescaled by the
+        last update; 0 after ``init``.
       num_clipped: int32 scalar, number of output units rescaled by the last update.
       per_param_clipped_fraction: ``{parameter path: float32 scalar}`` for every clipped leaf
         when the transform was built with ``track_per_param=True``; an empty dict otherwise.
-      num_units: int32 scalar, number of output units the last update looked at (those of
-        the selected leaves that had a gradient; after ``init``, of all selected leaves), so
-        that the statistics of several AGC states can be combined (`agc.clipped_fraction`).
+      num_units: the number of output units the mask selects (a Python int, static: the same
+        after ``init`` and every update), so that the statistics of several AGC states can
+        be combined (`agc.clipped_fraction`).
     """
 
     clipped_fraction: jax.Array
     num_clipped: jax.Array
     per_param_clipped_fraction: dict[str, jax.Array]
-    num_units: jax.Array
+    num_units: int = 0
+
+
+jax.tree_util.register_dataclass(
+    AdaptiveGradClipState,
+    data_fields=["clipped_fraction", "num_clipped", "per_param_clipped_fraction"],
+    meta_fields=["num_units"],
+)
+
+
+def _selected_units(params: Any, clip: list[bool], axes: list[Any]) -> int:
+    shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(params)]
+    return sum(_num_units(s, a) for s, a, c in zip(shapes, axes, clip, strict=True) if c)
 
 
 def _leaf_axes(unit_axis: UnitAxes, params: Any, paths: list[str]) -> list[Any]:
@@ -67,6 +85,7 @@ def _clip_leaves(
     eps: Any,
     track_per_param: bool,
     overflow_safe: bool,
+    num_units: int,
 ) -> tuple[list[Any], AdaptiveGradClipState]:
     """Clips every selected leaf; returns the new leaves and the statistics of this update."""
     todo = []  # Indices of the leaves to clip.
@@ -112,7 +131,7 @@ def _clip_leaves(
         clipped_fraction=fraction,
         num_clipped=num_clipped,
         per_param_clipped_fraction=per_param,
-        num_units=jnp.asarray(sum(t.size for t in triggers), jnp.int32),
+        num_units=num_units,
     )
 
 
@@ -207,8 +226,6 @@ def adaptive_grad_clip(
         paths = treepaths.param_paths(params)
         clip = treepaths.mask_values(mask, params, owner=_OWNER)
         axes = _leaf_axes(unit_axis, params, paths)
-        shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(params)]
-        units = sum(_num_units(s, a) for s, a, c in zip(shapes, axes, clip) if c)
         per_param = {}
         if track_per_param:
             per_param = {p: jnp.zeros([], jnp.float32) for p, c in zip(paths, clip) if c}
@@ -216,7 +233,7 @@ def adaptive_grad_clip(
             clipped_fraction=jnp.zeros([], jnp.float32),
             num_clipped=jnp.zeros([], jnp.int32),
             per_param_clipped_fraction=per_param,
-            num_units=jnp.asarray(units, jnp.int32),
+            num_units=_selected_units(params, clip, axes),
         )
 
     def update_fn(
@@ -253,6 +270,7 @@ def adaptive_grad_clip(
             eps,
             track_per_param,
             overflow_safe,
+            _selected_units(params, clip, axes),
         )
         out = jax.tree.unflatten(treedef, new_grads)
         if wrapped is not None:  # Give NNX Variables back as they came.

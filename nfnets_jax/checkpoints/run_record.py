@@ -106,8 +106,7 @@ def overrides(record: RunRecord, **requested: Any) -> list[str]:
 
     Args:
       record: the run.
-      **requested: `resolution`, `margin`, `dataset`, `num_labels` (names given by the
-        user); None values are not requested.
+      **requested: `resolution`, `margin`, `dataset`; None values are not requested.
 
     Returns:
       e.g. ["--resolution=256 overrides the run's eval resolution 32 px"].
@@ -116,7 +115,6 @@ def overrides(record: RunRecord, **requested: Any) -> list[str]:
         "resolution": (record.eval_image_size, "eval resolution"),
         "margin": (record.eval_margin, "eval resize margin"),
         "dataset": (record.dataset, "dataset"),
-        "num_labels": (record.num_classes, "number of classes"),
     }
     lines = []
     for key, value in requested.items():

@@ -88,6 +88,8 @@ def _read(what: Callable[[], Any], doing: str) -> Any:
     _quiet_failed_reads()
     try:
         return what()
+    except MemoryError:  # Not damage: the host ran out of memory.
+        raise
     except Exception as e:  # Orbax, tensorstore and json raise many types.
         raise _Unreadable(f"{doing} failed with {_describe(e)}") from e
 
@@ -231,11 +233,12 @@ def _read_tree(manager: ocp.CheckpointManager, step: int, template: Any = None) 
     """A step's tree (numpy arrays), into `template`'s structure when given; damage raises
     `_Unreadable`. The metadata is read (and, with a template, compared) first."""
     metadata = _read(lambda: manager.item_metadata(step), "reading its metadata")
-    if metadata is None:  # Orbax finds no tree metadata: the plain read says why.
-        _read(
-            lambda: manager.restore(step, args=ocp.args.StandardRestore()), "reading its metadata"
+    if metadata is None:  # Orbax finds no tree metadata: a plain read decides.
+        args = ocp.args.StandardRestore(template) if template is not None else None
+        return _read(
+            lambda: manager.restore(step, args=args or ocp.args.StandardRestore()),
+            "reading it without tree metadata",
         )
-        raise _Unreadable("orbax finds no tree metadata in it")
     if template is not None:
         _check_fits(template, metadata, step, str(manager.directory))
     args = ocp.args.StandardRestore(template)

@@ -39,11 +39,7 @@ def due(step: int, every: int) -> bool:
 
 
 class StopRequest:
-    """Turns SIGTERM into a flag the loop polls (only in the main thread).
-
-    A SIGTERM handler installed earlier (scripts/train.py installs one before its imports)
-    whose ``requested`` attribute is true hands its request on.
-    """
+    """Turns SIGTERM into a flag the loop polls (only in the main thread)."""
 
     def __init__(self):
         self.requested = False
@@ -54,7 +50,6 @@ class StopRequest:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # Not the main thread: no handler, the flag stays False.
             self._previous = None
-        self.requested = bool(getattr(self._previous, "requested", False))
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -191,6 +191,23 @@ def check_resume_config(
     )
 
 
+def _check_processes_agree(step: int, checkpointer: workdir_ckpt.Checkpointer) -> None:
+    """Every process must resume from the same step (a read error on one host alone would
+    otherwise split the replicas); raises, naming each process's step, if they do not."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    steps_seen = np.asarray(multihost_utils.process_allgather(np.int32(step))).reshape(-1)
+    if len(set(steps_seen.tolist())) > 1:
+        raise RuntimeError(
+            f"The processes read different checkpoints of {checkpointer.directory}: step per "
+            f"process {steps_seen.tolist()} (this process skipped: "
+            f"{checkpointer.unreadable or 'none'}). A read error on some hosts only; check the "
+            "shared file system, then restart."
+        )
+
+
 def restore_or_create(
     recipe: recipe_lib.Recipe, checkpointer: workdir_ckpt.Checkpointer
 ) -> steps.TrainState:
@@ -209,6 +226,7 @@ def restore_or_create(
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(state._asdict())
         step = int(restored["step"])
+        _check_processes_agree(step, checkpointer)
         if checkpointer.unreadable:
             logging.warning(
                 "Resuming from step %d in %s, the newest readable checkpoint; skipped the "
