@@ -232,6 +232,32 @@ def _load_for_evaluation(
     return params, "NFNet", kwargs, None
 
 
+def _workdir_defaults(
+    checkpoint: str,
+    record: run_record.RunRecord,
+    resolution: int | None,
+    margin: int | None,
+    dataset: str | None,
+    split: str | None,
+) -> tuple[list[str], tuple[Any, ...]]:
+    """(notes, (resolution, margin, dataset, split)) with the run's values where not given."""
+    notes = [f"workdir {checkpoint}: {record.describe()} (its {run_record.RECORD})"]
+    notes += [
+        f"warning: {line}"
+        for line in run_record.overrides(
+            record, resolution=resolution, margin=margin, dataset=dataset
+        )
+    ]
+    if split is None and dataset in (None, record.dataset):
+        split = record.eval_split
+    return notes, (
+        resolution or record.eval_image_size,
+        record.eval_margin if margin is None else margin,
+        dataset or record.dataset,
+        split,
+    )
+
+
 def evaluate_checkpoint(
     checkpoint: str,
     dataset: str | None = None,
@@ -284,18 +310,9 @@ def evaluate_checkpoint(
     )
     notes = []
     if record is not None:
-        notes.append(f"workdir {checkpoint}: {record.describe()} (its {run_record.RECORD})")
-        notes += [
-            f"warning: {line}"
-            for line in run_record.overrides(
-                record, resolution=resolution, margin=margin, dataset=dataset
-            )
-        ]
-        resolution = resolution or record.eval_image_size
-        margin = record.eval_margin if margin is None else margin
-        if split is None and dataset in (None, record.dataset):
-            split = record.eval_split
-        dataset = dataset or record.dataset
+        notes, (resolution, margin, dataset, split) = _workdir_defaults(
+            checkpoint, record, resolution, margin, dataset, split
+        )
     dataset = dataset or "imagenet2012"
     if numerics is not None:
         kwargs["numerics"] = numerics
