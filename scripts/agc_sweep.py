@@ -14,7 +14,7 @@ how stability is defined: nfnets_jax/experiments/agc_sweep.py and docs/agc_sweep
 from absl import app, flags
 
 from nfnets_jax import cli
-from nfnets_jax.experiments import agc_sweep
+from nfnets_jax.experiments import agc_sweep, agc_sweep_report
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "results.json, run workdirs and plots.")
 _DATASET = flags.DEFINE_string("dataset", "digits", "digits, tfds:<name> or folder:<path>.")
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
             warmup_epochs=_WARMUP.value,
         )
         agc_sweep.run_sweep(sweep, _OUTPUT_DIR.value)
-    print(agc_sweep.plot_from_file(_OUTPUT_DIR.value, _MARGIN.value))
+    print(agc_sweep_report.plot_from_file(_OUTPUT_DIR.value, _MARGIN.value))
 
 
 if __name__ == "__main__":

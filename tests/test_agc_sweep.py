@@ -8,7 +8,7 @@ import os
 import pytest
 
 from nfnets_jax import files, train
-from nfnets_jax.experiments import agc_sweep
+from nfnets_jax.experiments import agc_sweep, agc_sweep_report
 
 # Three steps of 16 examples on digits (1,437 train examples): 3 * 16 / 1437 epochs.
 TINY = dict(
@@ -115,14 +115,14 @@ def synthetic_results():
 def test_plot_and_tables_from_recorded_results(tmp_path):
     out = str(tmp_path)
     files.write_json(os.path.join(out, agc_sweep.RESULTS_FILE), synthetic_results())
-    text = agc_sweep.plot_from_file(out)
+    text = agc_sweep_report.plot_from_file(out)
     for name in ("agc_sweep_batch.png", "agc_sweep_clipping.png"):
         path = os.path.join(out, name)
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert 1000 < os.path.getsize(path) < 150_000
     assert "| 256 | 1 | 0.4 | x @12/100 | 90.0 | 70.0 |" in text
-    rows = agc_sweep.stable_learning_rates(synthetic_results())
+    rows = agc_sweep_report.stable_learning_rates(synthetic_results())
     assert rows == [
         {
             "batch_size": 16,
@@ -141,8 +141,10 @@ def test_plot_and_tables_from_recorded_results(tmp_path):
     ]
     # A stricter margin: no-AGC's 50% is not above chance + 0.5.
     assert (
-        agc_sweep.stable_learning_rates(synthetic_results(), margin=0.5)[0]["no_agc_multiple"]
+        agc_sweep_report.stable_learning_rates(synthetic_results(), margin=0.5)[0][
+            "no_agc_multiple"
+        ]
         is None
     )
     with pytest.raises(ValueError, match="No recorded runs"):
-        agc_sweep.plot_from_file(str(tmp_path / "empty"))
+        agc_sweep_report.plot_from_file(str(tmp_path / "empty"))
