@@ -14,30 +14,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from tiny_run import assert_trees_equal, tiny_config
 
-from nfnets_jax import configlib, train
+from nfnets_jax import train
 from nfnets_jax.checkpoints import errors, loading, released
 from nfnets_jax.checkpoints import workdir as workdir_ckpt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
 pytestmark = pytest.mark.xdist_group("trainer")
-
-
-def tiny_config(**overrides):
-    config = configlib.load_config_file(TINY)
-    for key, value in overrides.items():
-        config[key] = value
-    config.lock()
-    return config
-
-
-def assert_trees_equal(a, b):
-    paths = jax.tree_util.tree_flatten_with_path(a)[0]
-    leaves = jax.tree.leaves(b)
-    assert len(paths) == len(leaves)
-    for (path, x), y in zip(paths, leaves, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,13 @@ import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
+from tiny_run import REPO, TINY, tiny_config
 
 from nfnets_jax import configlib, evaluation, train
 from nfnets_jax.train import recipe
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
 EVAL_PX = 24  # Neither the train px (32) nor the F0 test px (256): the record must supply it.
 pytestmark = pytest.mark.xdist_group("workdir_eval")
-
-
-def config_with(**overrides):
-    config = configlib.load_config_file(TINY)
-    for key, value in overrides.items():
-        config[key] = value
-    config.lock()
-    return config
 
 
 def write_folder_dataset(root, per_class=(24, 8)):
@@ -55,7 +46,7 @@ def folder_run(tmp_path_factory):
     data = write_folder_dataset(tmp_path_factory.mktemp("faces"))
     workdir = str(tmp_path_factory.mktemp("run"))
     # log_every_steps=0 (= never) must not crash: case 4 of the fault list.
-    config = config_with(dataset=f"folder:{data}", eval_image_size=EVAL_PX, log_every_steps=0)
+    config = tiny_config(dataset=f"folder:{data}", eval_image_size=EVAL_PX, log_every_steps=0)
     results = train.train_and_evaluate(config, workdir)
     return data, workdir, results
 
@@ -153,7 +144,7 @@ def test_folder_without_class_folders_and_empty_class_folder(tmp_path, caplog):
     with pytest.raises(
         ValueError, match=r"evaluation split 'val' of dataset 'folder:.*no examples"
     ):
-        recipe.dataset_info(config_with(dataset=f"folder:{tmp_path}"))
+        recipe.dataset_info(tiny_config(dataset=f"folder:{tmp_path}"))
 
 
 @pytest.mark.parametrize(
@@ -168,7 +159,7 @@ def test_folder_without_class_folders_and_empty_class_folder(tmp_path, caplog):
 )
 def test_bad_config_values_are_refused_before_anything_runs(field, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(config_with(**{field: value}), str(tmp_path))
+        train.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path))
     assert os.listdir(tmp_path) == []  # Nothing written, no checkpoint deleted.
 
 
@@ -215,7 +206,7 @@ def test_a_single_class_is_refused_at_start_up(tmp_path):
         (tmp_path / split / "cat").mkdir(parents=True)
         Image.new("RGB", (4, 4)).save(tmp_path / split / "cat" / "1.png")
     with pytest.raises(ValueError, match=r"has 1 class\(es\); a classifier needs at least 2"):
-        recipe.dataset_info(config_with(dataset=f"folder:{tmp_path}"))
+        recipe.dataset_info(tiny_config(dataset=f"folder:{tmp_path}"))
 
 
 @pytest.mark.parametrize(

@@ -16,38 +16,15 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from tiny_run import REPO, TINY, assert_trees_equal, tiny_config
 
 from nfnets_jax import configlib, files, parallel, train
 from nfnets_jax.checkpoints import workdir as workdir_ckpt
 from nfnets_jax.train import loop, recipe, resume, steps
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.py")
 # One worker runs this whole module (scripts/test.sh: --dist loadgroup), so the module-scoped
 # baseline run below is trained once, not once per worker.
 pytestmark = pytest.mark.xdist_group("trainer")
-
-
-def tiny_config(**overrides):
-    config = configlib.load_config_file(TINY)
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    config.lock()
-    return config
-
-
-def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
-    paths_a = jax.tree_util.tree_flatten_with_path(a)[0]
-    leaves_b = jax.tree.leaves(b)
-    assert len(paths_a) == len(leaves_b)
-    for (path, x), y in zip(paths_a, leaves_b, strict=True):
-        np.testing.assert_allclose(
-            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
-        )
 
 
 def subprocess_env(device_count):
