@@ -220,6 +220,7 @@ def _load_for_evaluation(
         return params, "NFNet", kwargs, None
     record = run_record.read(checkpoint)
     if record is not None:  # A training workdir: its own model, as recorded.
+        run_record.check_variant(record, variant)
         return (
             run_record.load_params(record, step, ema),
             record.model_name,
@@ -315,6 +316,8 @@ def evaluate_checkpoint(
         )
     dataset = dataset or "imagenet2012"
     if numerics is not None:
+        if model_name != "NFNet":
+            raise ValueError(f"numerics={numerics!r} applies to NFNet models, not {model_name}.")
         kwargs["numerics"] = numerics
     kwargs["group_conv"] = group_conv
     spec = registry.variant(model_name, kwargs["variant"])

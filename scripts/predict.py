@@ -54,6 +54,7 @@ def _load() -> tuple[object, str, dict, int, int, list[str] | None]:
     names = record.class_names
     if names and _LABELS.value:
         print(f"warning: --labels={_LABELS.value} replaces the run's class names")
+    run_record.check_variant(record, _VARIANT.value)
     params = run_record.load_params(record, _STEP.value)
     px = _RESOLUTION.value or record.eval_image_size
     return params, record.model_name, dict(record.model_kwargs), px, margin, names
@@ -65,6 +66,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("Give one or more image files to classify.")
     params, model_name, kwargs, resolution, margin, names = _load()
     if _NUMERICS.value:
+        if model_name != "NFNet":
+            raise app.UsageError(f"--numerics applies to NFNet models, not {model_name}.")
         kwargs["numerics"] = _NUMERICS.value
     failures = []
     predictions = predict.classify_files(

@@ -61,6 +61,8 @@ def test_workdir_evaluates_as_its_run_did(folder_run):
     assert report.notes[0].startswith(f"workdir {workdir}: NFNet F0")
     assert f"evaluated at {EVAL_PX} px" in report.notes[0]
     assert not [n for n in report.notes if n.startswith("warning")]
+    with pytest.raises(ValueError, match=r"--variant=F1 but workdir .* trained NFNet F0"):
+        evaluation.evaluate_checkpoint(workdir, variant="F1")
     overridden = evaluation.evaluate_checkpoint(workdir, resolution=32)
     assert overridden.resolution == 32
     assert f"warning: resolution=32 differs from the run's eval resolution {EVAL_PX}" in (

@@ -124,6 +124,16 @@ def overrides(record: RunRecord, **requested: Any) -> list[str]:
     return lines
 
 
+def check_variant(record: RunRecord, variant: str | None) -> None:
+    """Raises a ValueError if `variant` is given and is not the run's variant."""
+    own = record.model_kwargs.get("variant")
+    if variant is not None and variant != own:
+        raise ValueError(
+            f"--variant={variant} but workdir {record.workdir} trained {record.model_name} {own} "
+            f"(its {RECORD}); drop the flag to use the run's model."
+        )
+
+
 def load_params(record: RunRecord, step: int | None = None, ema: bool = True) -> Any:
     """The parameters of the workdir's newest (or `step`) checkpoint, checked against the
     model its record describes.
