@@ -104,3 +104,19 @@ def _format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def read_metrics(workdir: str) -> dict[str, list[dict[str, float]]]:
+    """`<workdir>/metrics.jsonl` as {split: [record, ...]}, values as floats (NaN / inf too);
+    empty when the file does not exist."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    splits: dict[str, list[dict[str, float]]] = {}
+    if not os.path.exists(path):
+        return splits
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                split = record.pop("split")
+                splits.setdefault(split, []).append({k: float(v) for k, v in record.items()})
+    return splits

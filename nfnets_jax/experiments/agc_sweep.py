@@ -23,7 +23,6 @@ from step 0, so that every recorded run is one uninterrupted training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from typing import Any
 import ml_collections
 
 import nfnets_jax
-from nfnets_jax import configlib, files
+from nfnets_jax import configlib, files, metrics
 
 RESULTS_FILE = "results.json"
 CLIPPINGS = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16)  # 0 = AGC off.
@@ -121,33 +120,19 @@ def run_config(
     return config
 
 
-def _set_periods(config: ml_collections.ConfigDict, sweep: Sweep, num_train: int) -> int:
-    """Sets the eval and log periods from the run's length; returns its total steps."""
-    steps = int(sweep.num_epochs * num_train / config.batch_size)
-    config.eval_every_steps = max(1, math.ceil(steps / max(sweep.evals, 1)))
-    config.log_every_steps = max(1, steps // max(sweep.logs, 1))
-    return steps
+def _set_periods(config: ml_collections.ConfigDict, sweep: Sweep, info: Any) -> Any:
+    """Sets the eval and log periods from the run's length; returns the trainer's plan."""
+    from nfnets_jax.train import recipe as recipe_lib
 
-
-def read_metrics(workdir: str) -> dict[str, list[dict[str, float]]]:
-    """metrics.jsonl as {split: [record, ...]} (values as floats, 'nan' / 'inf' too)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    splits: dict[str, list[dict[str, float]]] = {}
-    if not os.path.exists(path):
-        return splits
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            split = record.pop("split")
-            splits.setdefault(split, []).append({k: float(v) for k, v in record.items()})
-    return splits
+    plan = recipe_lib.make_plan(config, info.num_classes, info.num_train)
+    config.eval_every_steps = max(1, math.ceil(plan.total_steps / max(sweep.evals, 1)))
+    config.log_every_steps = max(1, plan.total_steps // max(sweep.logs, 1))
+    return plan
 
 
 def summarize_run(workdir: str, diverged_step: int | None) -> dict[str, Any]:
     """The recorded outcome of a finished (or diverged) run, from its metrics.jsonl."""
-    splits = read_metrics(workdir)
+    splits = metrics.read_metrics(workdir)
     evals = [[int(r["step"]), r["top1"]] for r in splits.get("eval", [])]
     train = splits.get("train", [])
     top1s = [t for _, t in evals if math.isfinite(t)]
@@ -184,7 +169,7 @@ def train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         if match:
             diverged_step = int(match.group(1))
         else:  # The step after the last one logged.
-            logged = read_metrics(workdir).get("train", [])
+            logged = metrics.read_metrics(workdir).get("train", [])
             diverged_step = int(logged[-1]["step"]) + 1 if logged else 1
         steps = diverged_step
         logging.warning("Run %s diverged at step %d.", os.path.basename(workdir), steps)
@@ -252,10 +237,11 @@ def run_sweep(sweep: Sweep, output_dir: str, compilation_cache: bool = True) -> 
         if key in results["runs"]:
             continue
         config = run_config(sweep, batch, multiple, clipping)
-        total = _set_periods(config, sweep, info.num_train)
+        plan = _set_periods(config, sweep, info)
+        total = plan.total_steps
         logging.warning("Run %d/%d: %s (%d steps).", index + 1, len(points), key, total)
         record = dict(batch_size=batch, lr_multiple=multiple, clipping=clipping, total_steps=total)
-        record["peak_learning_rate"] = config.base_learning_rate * batch / 256
+        record["peak_learning_rate"] = plan.peak_learning_rate
         record.update(train_one(config, os.path.join(output_dir, "runs", key)))
         results["runs"][key] = record
         files.write_json(path, results)
