@@ -22,7 +22,7 @@ EXTRAS = {
         "pillow",
     ],
     # Training: checkpoints, TensorBoard event files, mixed precision.
-    "train": ["orbax-checkpoint", "tensorboardX", "jmp"],
+    "train": ["orbax-checkpoint", "tensorboardX", "jmp", "google-cloud-storage"],
     # PyTorch interop (timm weight conversion, --compare timm in the benchmark).
     "torch": ["torch==2.13.0", "timm"],
     # Tests, lint, plots, the Flax (linen, NNX) and Equinox AGC examples.
@@ -35,6 +35,8 @@ EXTRAS = {
         "flax",
         "equinox",
         "dill",
+        "gcp-storage-emulator",
+        "gcsfs",
     ],
 }
 EXTRAS["all"] = sorted({p for group in EXTRAS.values() for p in group})

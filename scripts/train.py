@@ -1,15 +1,16 @@
 """Trains an NFNet from a config file: one CPU, all local GPUs / TPU cores, or a multi-host pod.
 
   python scripts/train.py --config=configs/quickstart.py --workdir=/tmp/nfnets_quickstart
-  python scripts/train.py --config=configs/imagenet_nfnet.py:F3 --workdir=/mnt/shared/f3 \
-      --config.data_dir=gs://bucket/tfds --config.batch_size=4096
+  python scripts/train.py --config=configs/imagenet_nfnet.py:F3 --workdir=gs://bucket/runs/f3 \
+      --config.data_dir=gs://bucket/tfds --distributed
 
 Run the same command with --distributed on every host of a TPU pod slice (JAX finds the
 other hosts itself; multi-task `srun` steps of Slurm and `mpirun` jobs need not even that
 flag). Elsewhere, multi-process runs pass --coordinator_address, --num_processes and
---process_id. A run always resumes from the newest checkpoint in --workdir, which must be a
-local or shared POSIX path (gs:// URLs are refused); resuming with a config that changes the
-model or the optimizer state is refused unless --allow_config_change is given.
+--process_id. A run always resumes from the newest checkpoint in --workdir: a gs:// bucket
+path or a file system every process shares (checked at start-up; docs/tpu.md); resuming with
+a config that changes the model or the optimizer state is refused unless
+--allow_config_change is given.
 """
 
 import os
@@ -64,6 +65,12 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "Resume the checkpoint in --workdir even if the config "
     "changes the model or optimizer state (array shapes must still match).",
 )
+_ALLOW_CROSS_REGION = flags.DEFINE_bool(
+    "allow_cross_region",
+    False,
+    "On a Google Cloud VM, go on although a gs:// workdir or data_dir bucket is in another "
+    "region (slow reads, egress charges).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -87,7 +94,10 @@ def main(argv: list[str]) -> None:
         auto=_DISTRIBUTED.value,
     )
     results = train.train_and_evaluate(
-        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+        _CONFIG.value,
+        _WORKDIR.value,
+        allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+        allow_cross_region=_ALLOW_CROSS_REGION.value,
     )
     for split in ("eval", "eval_ema"):
         if split in results:

@@ -338,11 +338,11 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
     assert evals[-1]["top1"] == pytest.approx(single["eval"]["top1"], abs=1 / 360 + 1e-9)
 
 
-def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+def test_unsupported_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = configlib.load_config_file(TINY)
-    with pytest.raises(ValueError, match="'gs://bucket/run' is a URL"):
-        train.train_and_evaluate(config, "gs://bucket/run")
+    with pytest.raises(ValueError, match="'s3://bucket/run': the URL scheme s3:// is not"):
+        train.train_and_evaluate(config, "s3://bucket/run")
     assert os.listdir(tmp_path) == []  # no local "gs:" directory was created
 
 

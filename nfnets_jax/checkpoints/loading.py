@@ -8,12 +8,12 @@ a timm `.pth`, or a training workdir (its newest orbax checkpoint, EMA weights b
 
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 import zipfile
 from typing import Any, TextIO
 
+from nfnets_jax import files
 from nfnets_jax.checkpoints import errors, released, safe_pickle, timm_convert, tree, zoo
 
 _PICKLE_PROTO = b"\x80"
@@ -22,9 +22,18 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 def sniff_format(path: str) -> str:
     """The checkpoint format of `path`: "pickle", "npz", "torch", "orbax", "damaged" (a zip
-    archive, the container of .npz and .pth files, that cannot be opened) or "unknown"."""
-    if os.path.isdir(path):
+    archive, the container of .npz and .pth files, that cannot be opened) or "unknown".
+
+    Raises:
+      ValueError: `path` is a file in cloud storage (only training workdirs are read there).
+    """
+    if files.isdir(path):
         return "orbax"
+    if files.is_url(path):
+        raise ValueError(
+            f"{path} is a checkpoint file in cloud storage; training workdirs are read there "
+            f"directly, files from a local copy: gcloud storage cp {path} ."
+        )
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:1] == _PICKLE_PROTO:

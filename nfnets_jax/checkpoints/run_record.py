@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
+
+from nfnets_jax import files
 
 RECORD = "config.json"
 
@@ -69,13 +70,12 @@ def read(path: str) -> RunRecord | None:
       ValueError: if config.json exists but cannot be parsed or lacks a field (naming the
         file and the field).
     """
-    path = os.path.expanduser(path)
-    record_path = os.path.join(path, RECORD)
-    if not os.path.isdir(path) or not os.path.isfile(record_path):
+    path = files.local(path)
+    record_path = files.join(path, RECORD)
+    if not files.isdir(path) or not files.isfile(record_path):
         return None
     try:
-        with open(record_path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = json.loads(files.read_text(record_path))
         config, plan = record["config"], record["plan"]
         kwargs = {k: v for k, v in config["model"].items() if v is not None}
         for key in ("depths", "widths"):

@@ -23,8 +23,6 @@ callbacks a failed orbax read leaves behind.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from nfnets_jax import files
 from nfnets_jax.checkpoints import errors
 
 # What orbax appends to a step's directory name while writing it (orbax.checkpoint's
@@ -96,7 +95,7 @@ def _read(what: Callable[[], Any], doing: str) -> Any:
 
 def _read_step(directory: str, steps: list[int], step: int, read: Callable[[int], Any]) -> Any:
     """`read(step)` for an explicit step: no fallback, a CheckpointReadError if unreadable."""
-    path = os.path.join(directory, str(step))
+    path = files.join(directory, str(step))
     if step not in steps:
         raise errors.CheckpointReadError(
             f"No checkpoint of step {step} in {directory}; available steps: {steps or 'none'}.",
@@ -135,13 +134,13 @@ def _read_newest(
                 "Skipping unreadable checkpoint step %d (%s): %s; %s. Its files are left in "
                 "place for inspection.",
                 step,
-                os.path.join(directory, str(step)),
+                files.join(directory, str(step)),
                 e.reason,
                 f"trying step {max(older)}" if older else "no older step to try",
             )
             skipped[step] = e.reason
     lines = "".join(
-        f"\n  step {s} ({os.path.join(directory, str(s))}): {r}" for s, r in skipped.items()
+        f"\n  step {s} ({files.join(directory, str(s))}): {r}" for s, r in skipped.items()
     )
     raise errors.CheckpointReadError(
         f"No readable checkpoint in {directory}; every step failed to read:{lines}\nThe files "
@@ -199,24 +198,29 @@ def _check_fits(template: Any, saved: Any, step: int, directory: str) -> None:
 def remove_stale_tmp_dirs(directory: str) -> list[str]:
     """Removes the `<step>.orbax-checkpoint-tmp` directories of saves that never finished.
 
+    (Local workdirs. In cloud storage orbax writes a step in place and marks it complete with
+    a `commit_success.txt` object; it lists only marked steps and rewrites an unmarked one.)
+
     Returns:
       The names removed (each logged with a warning).
     """
-    names = sorted(n for n in os.listdir(directory) if TMP_DIR_MARKER in n)
+    if not files.isdir(directory):  # A bucket prefix exists only once an object is under it.
+        return []
+    names = [n for n in files.listdir(directory) if TMP_DIR_MARKER in n]
     for name in names:
         logging.warning(
             "Removing %s: a partial checkpoint left by a run that stopped while saving it "
             "(orbax never restores it).",
-            os.path.join(directory, name),
+            files.join(directory, name),
         )
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        files.rmtree(files.join(directory, name))
     return names
 
 
 def _free_name(path: str) -> str:
     """`path`, or `path.1`, `path.2`... whichever does not exist yet."""
     candidate, n = path, 0
-    while os.path.lexists(candidate):
+    while files.exists(candidate):
         n += 1
         candidate = f"{path}.{n}"
     return candidate
@@ -255,10 +259,10 @@ class Checkpointer:
         finished.
 
         Args:
-          workdir: the run's working directory.
+          workdir: the run's working directory (a local path or a gs:// URL).
           keep: how many of the newest checkpoints to keep.
         """
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = files.absolute(files.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
@@ -294,11 +298,11 @@ class Checkpointer:
         otherwise refuse to save their step numbers and count them among the kept ones."""
         if jax.process_index() == 0:
             for step in sorted(self.unreadable):
-                source = os.path.join(self.directory, str(step))
-                if not os.path.isdir(source):
+                source = files.join(self.directory, str(step))
+                if not files.isdir(source):
                     continue
                 target = _free_name(source + UNREADABLE_SUFFIX)
-                os.rename(source, target)
+                files.rename(source, target)
                 logging.warning(
                     "Moved unreadable checkpoint step %d to %s before saving step %d (this run "
                     "continues from an older step); its files are kept for inspection.",
@@ -363,8 +367,8 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> dict
         does not exist.
       KeyError: the checkpoint holds no parameters.
     """
-    directory = os.path.abspath(os.path.join(os.path.expanduser(workdir), "checkpoints"))
-    if not os.path.isdir(directory):
+    directory = files.absolute(files.join(workdir, "checkpoints"))
+    if not files.isdir(directory):
         raise FileNotFoundError(f"No checkpoints directory in workdir {workdir}.")
     manager = _manager(directory, ocp.CheckpointManagerOptions(create=False))
     try:

@@ -213,13 +213,13 @@ def is_zoo_name(checkpoint: str) -> bool:
 
 
 def resolve(checkpoint: str, progress: TextIO | None = sys.stderr) -> str:
-    """Turns a checkpoint argument (zoo name or local path) into a local path.
+    """Turns a checkpoint argument (zoo name, local path or gs:// URL) into a path.
 
-    A zoo name is fetched into the cache (see `fetch`); an existing local path is returned
+    A zoo name is fetched into the cache (see `fetch`); an existing path or URL is returned
     as is. Anything else raises FileNotFoundError naming both possibilities.
     """
-    path = os.path.expanduser(checkpoint)  # `--checkpoint=~/x` reaches us unexpanded.
-    if os.path.exists(path):
+    path = files.local(checkpoint)  # `--checkpoint=~/x` reaches us unexpanded.
+    if files.exists(path):
         return path
     if is_zoo_name(checkpoint):
         return fetch(checkpoint, progress=progress)

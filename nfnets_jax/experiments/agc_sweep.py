@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -157,7 +156,7 @@ def train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
     from nfnets_jax import train
 
-    shutil.rmtree(workdir, ignore_errors=True)  # An interrupted run starts again.
+    files.rmtree(workdir)  # An interrupted run starts again.
     start = time.time()
     diverged_step = None
     try:
@@ -172,7 +171,7 @@ def train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             logged = metrics.read_metrics(workdir).get("train", [])
             diverged_step = int(logged[-1]["step"]) + 1 if logged else 1
         steps = diverged_step
-        logging.warning("Run %s diverged at step %d.", os.path.basename(workdir), steps)
+        logging.warning("Run %s diverged at step %d.", files.basename(workdir), steps)
     finally:
         # Each run's executables stay cached (and their JIT code mapped) otherwise: ~2,000
         # memory maps per run, and LLVM fails ("Cannot allocate memory") past
@@ -200,7 +199,7 @@ def load_results(output_dir: str, sweep: Sweep | None = None) -> dict[str, Any]:
     Raises:
       ValueError: if `sweep` changes a recorded setting (the runs would not compare).
     """
-    results = files.read_json(os.path.join(output_dir, RESULTS_FILE))
+    results = files.read_json(files.join(output_dir, RESULTS_FILE))
     if results is None:
         return {"meta": {}, "runs": {}}
     if sweep is not None and results["meta"].get("settings") not in (None, sweep.settings()):
@@ -218,15 +217,18 @@ def run_sweep(sweep: Sweep, output_dir: str, compilation_cache: bool = True) -> 
       sweep: the grid and the recipe.
       output_dir: results.json, the runs' workdirs, the XLA cache.
       compilation_cache: use a persistent XLA cache in `output_dir/xla_cache` (when no
-        other cache directory is configured).
+        other cache directory is configured; for a gs:// `output_dir`, in
+        ~/.cache/nfnets_jax/xla_cache on this machine).
     """
     from nfnets_jax.train import recipe as recipe_lib
 
-    os.makedirs(output_dir, exist_ok=True)
+    files.makedirs(output_dir)
     if compilation_cache:
-        enable_compilation_cache(os.path.join(output_dir, "xla_cache"))
+        home = os.path.join(os.path.expanduser("~"), ".cache", "nfnets_jax")
+        cache_root = home if files.is_url(output_dir) else output_dir
+        enable_compilation_cache(files.join(cache_root, "xla_cache"))
     results = load_results(output_dir, sweep)
-    path = os.path.join(output_dir, RESULTS_FILE)
+    path = files.join(output_dir, RESULTS_FILE)
     points = sweep.points()
     info = recipe_lib.dataset_info(run_config(sweep, *points[0]))
     results["meta"].update(
@@ -242,7 +244,7 @@ def run_sweep(sweep: Sweep, output_dir: str, compilation_cache: bool = True) -> 
         logging.warning("Run %d/%d: %s (%d steps).", index + 1, len(points), key, total)
         record = dict(batch_size=batch, lr_multiple=multiple, clipping=clipping, total_steps=total)
         record["peak_learning_rate"] = plan.peak_learning_rate
-        record.update(train_one(config, os.path.join(output_dir, "runs", key)))
+        record.update(train_one(config, files.join(output_dir, "runs", key)))
         results["runs"][key] = record
         files.write_json(path, results)
     files.write_json(path, results)

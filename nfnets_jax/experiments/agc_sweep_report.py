@@ -7,7 +7,6 @@ figures can be redrawn without retraining (`plot_from_file`, `scripts/agc_sweep.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from nfnets_jax import files
@@ -139,7 +138,7 @@ def plot(results: dict[str, Any], output_dir: str, dpi: int = 80) -> list[str]:
         for ax, multiple in zip(axes[0], multiples):
             draw(ax, results, multiple, chance)
             ax.set_title(f"lr {multiple:g}x linear scaling", fontsize=9)
-        path = os.path.join(output_dir, f"agc_sweep_{name}.png")
+        path = files.join(output_dir, f"agc_sweep_{name}.png")
         paths.append(_finish(fig, axes, chance, path, dpi))
     return paths
 
@@ -182,7 +181,6 @@ def _finish(fig: Any, axes: Any, chance: float, path: str, dpi: int) -> str:
     axes[0][0].set_ylabel("final test top-1 (x = diverged)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with files.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
@@ -193,6 +191,6 @@ def plot_from_file(output_dir: str, margin: float = 0.2) -> str:
     """Re-plots a recorded sweep (no training); returns the tables as Markdown."""
     results = agc_sweep.load_results(output_dir)
     if not results["runs"]:
-        raise ValueError(f"No recorded runs in {os.path.join(output_dir, agc_sweep.RESULTS_FILE)}.")
+        raise ValueError(f"No recorded runs in {files.join(output_dir, agc_sweep.RESULTS_FILE)}.")
     plot(results, output_dir)
     return format_table(results) + "\n\n" + format_stable(results, margin)

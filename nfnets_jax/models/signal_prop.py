@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets_jax import files
+
 
 def expected_output_vars(depths: Sequence[int], alpha: float) -> np.ndarray:
     """Expected variance of each block's output: resets to 1 + alpha^2 at each stage's
@@ -101,5 +103,6 @@ def plot(stats: dict[str, np.ndarray], path: str, title: str = "") -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.atomic_path(path, suffix=".png") as tmp:  # Local or gs://, never torn.
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -24,7 +24,7 @@ import numpy as np
 from nfnets_jax import evaluation, metrics, parallel
 from nfnets_jax.checkpoints import workdir as workdir_ckpt
 from nfnets_jax.train import recipe as recipe_lib
-from nfnets_jax.train import resume, steps
+from nfnets_jax.train import resume, steps, storage
 
 NON_FINITE_MESSAGE = "Non-finite loss"
 
@@ -149,16 +149,12 @@ def _start(
     config: ml_collections.ConfigDict,
     workdir: str,
     allow_config_change: bool,
+    allow_cross_region: bool = False,
 ) -> tuple[recipe_lib.Recipe, workdir_ckpt.Checkpointer, steps.TrainState]:
     """Recipe, checkpointer and host state; the config record is written after the restore."""
-    if "://" in workdir:
-        # os.path would turn "gs://b/x" into a local "./gs:/b/x": checkpoints that vanish
-        # with the VM. Refuse rather than lose a run.
-        raise ValueError(
-            f"workdir {workdir!r} is a URL; cloud storage workdirs are not "
-            "supported yet. Use a local or shared POSIX path (e.g. a mounted "
-            "bucket or NFS) visible to every host."
-        )
+    workdir = storage.check_workdir(workdir)  # Writable, and one store for every process.
+    if not allow_cross_region:
+        storage.check_regions({"workdir": workdir, "config.data_dir": config.get("data_dir")})
     recipe = recipe_lib.build_recipe(config)
     checkpointer = workdir_ckpt.Checkpointer(workdir, recipe.keep_checkpoints)
     try:  # Every process checks (same files, same verdict); process 0 writes the record.
@@ -178,15 +174,19 @@ def train_and_evaluate(
     *,
     step_hook: Callable[[int], None] | None = None,
     allow_config_change: bool = False,
+    allow_cross_region: bool = False,
 ) -> dict[str, Any]:
     """Trains and evaluates a model; resumes from the newest checkpoint in `workdir`.
 
     Args:
       config: the training config (see configs/default.py).
-      workdir: where checkpoints, TensorBoard events, metrics.jsonl and config.json go.
+      workdir: where checkpoints, TensorBoard events, metrics.jsonl and config.json go: a
+        local path (shared by every process of a multi-process run) or a gs:// URL.
       step_hook: called with the step number before each step (for tests and tooling).
       allow_config_change: resume even if the config changes the model or optimizer
         (see `resume.check_resume_config`).
+      allow_cross_region: go on when a gs:// workdir or data_dir is in another region than
+        this Google Cloud VM (see `storage.check_regions`).
 
     Returns:
       {"step", "train": last train metrics, "eval": raw-weight eval metrics,
@@ -197,10 +197,15 @@ def train_and_evaluate(
       NonFiniteLossError: if a step produced a non-finite loss or gradient.
       resume.ConfigMismatchError: if the workdir's checkpoint was written with a config
         that had another model or optimizer state structure.
-      ValueError: for an invalid config, or a workdir URL (gs://...: not supported yet).
+      ValueError: for an invalid config, a workdir URL of an unsupported scheme, or a
+        bucket in another region.
+      storage.WorkdirError: the workdir cannot be written, or is not shared between the
+        processes.
     """
     with StopRequest() as stop:
-        recipe, checkpointer, host_state = _start(config, workdir, allow_config_change)
+        recipe, checkpointer, host_state = _start(
+            config, workdir, allow_config_change, allow_cross_region
+        )
         step = int(host_state.step)
         state = parallel.replicate(host_state)
         del host_state

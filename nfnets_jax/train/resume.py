@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -73,7 +72,7 @@ def config_record(
 def write_config_record(workdir: str, record: Mapping[str, Any]) -> None:
     """Writes `config.json` atomically (process 0 only; the others have the same record)."""
     if jax.process_index() == 0:
-        files.write_json(os.path.join(workdir, CONFIG_RECORD), record)
+        files.write_json(files.join(workdir, CONFIG_RECORD), record)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -149,7 +148,7 @@ def check_resume_config(
     """
     if checkpoint_step is None:
         return
-    path = os.path.join(workdir, CONFIG_RECORD)
+    path = files.join(workdir, CONFIG_RECORD)
     try:
         saved = files.read_json(path)
     except ValueError as e:  # Not JSON: written by something else, or before writes were atomic.
