@@ -1,14 +1,13 @@
 """Tests for evaluation: exact counting under pmap, checkpoints of every kind, the script."""
 
-import importlib.util
 import os
 
 import dill
 import jax
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
+from tiny_run import run_script
 
 from nfnets_jax import evaluation, predict
 from nfnets_jax.checkpoints import errors, loading, released
@@ -157,35 +156,12 @@ def test_load_checkpoint_names_variant_mismatch(tmp_path, tiny_params):
         loading.load(path, variant="F1")
 
 
-def _load_script(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_script(name, argv):
-    """Runs scripts/<name>.py's main in-process, then removes its absl flags again."""
-    before, was_parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
-    module = _load_script(name)
-    try:
-        flags.FLAGS(argv)
-        module.main(argv[:1] + [a for a in argv[1:] if not a.startswith("--")])
-    finally:
-        for flag in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, flag)
-        if not was_parsed:
-            flags.FLAGS.unparse_flags()
-
-
 def test_evaluate_script(tmp_path, tiny_params, capsys):
     _write_folder_dataset(tmp_path / "data")
     npz = released.save_npz(tiny_params, str(tmp_path / "tiny.npz"))
     run_script(
         "evaluate",
         [
-            "evaluate.py",
             f"--checkpoint={npz}",
             f"--dataset=folder:{tmp_path / 'data'}",
             "--resolution=32",

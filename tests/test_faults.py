@@ -4,7 +4,6 @@ One tiny training run on a folder dataset of real images (scikit-learn's digits 
 PNG files, class folders "one" and "zero") serves the workdir tests.
 """
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -13,9 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
-from tiny_run import REPO, TINY, tiny_config
+from tiny_run import REPO, TINY, run_script, tiny_config
 
 from nfnets_jax import configlib, evaluation, train
 from nfnets_jax.train import recipe
@@ -77,35 +75,13 @@ def test_evaluating_on_a_dataset_with_other_classes_warns(folder_run):
     assert any("the model has 2 classes, dataset digits has 10" in n for n in report.notes)
 
 
-def run_script(name, argv, capsys):
-    path = os.path.join(REPO, "scripts", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    before, was_parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
-    spec.loader.exec_module(module)
-    code = 0
-    try:
-        flags.FLAGS([f"{name}.py", *[a for a in argv if a.startswith("--")]])
-        try:
-            module.main([f"{name}.py", *[a for a in argv if not a.startswith("--")]])
-        except SystemExit as e:
-            code = e.code
-    finally:
-        for flag in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, flag)
-        if not was_parsed:
-            flags.FLAGS.unparse_flags()
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_predict_uses_the_runs_class_names_and_reports_bad_files(folder_run, capsys):
     data, workdir, _ = folder_run
     good = [str(data / "val" / "zero" / "0.png"), str(data / "val" / "one" / "0.png")]
     missing = str(data / "val" / "missing.png")
-    code, out, err = run_script(
-        "predict", [f"--checkpoint={workdir}", "--top_k=2", good[0], missing, good[1]], capsys
-    )
+    argv = [f"--checkpoint={workdir}", "--top_k=2", good[0], missing, good[1]]
+    code = run_script("predict", argv)
+    out, err = capsys.readouterr()
     lines = out.splitlines()
     assert lines[0].startswith(f"workdir {workdir}: NFNet F0") and f"{EVAL_PX} px" in lines[0]
     assert lines[1] == good[0] and lines[4] == good[1]  # The good files are predicted.
@@ -117,9 +93,8 @@ def test_predict_uses_the_runs_class_names_and_reports_bad_files(folder_run, cap
 
 def test_evaluate_script_says_what_the_workdir_set(folder_run, capsys):
     _, workdir, _ = folder_run
-    code, out, _ = run_script(
-        "evaluate", [f"--checkpoint={workdir}", f"--resolution={EVAL_PX + 8}"], capsys
-    )
+    code = run_script("evaluate", [f"--checkpoint={workdir}", f"--resolution={EVAL_PX + 8}"])
+    out = capsys.readouterr().out
     assert code == 0
     assert out.splitlines()[0].startswith(f"workdir {workdir}: NFNet F0")
     assert f"warning: resolution={EVAL_PX + 8} differs" in out

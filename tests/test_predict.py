@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
+from tiny_run import run_script
 
 from nfnets_jax import predict
 from nfnets_jax.checkpoints import labels, released
@@ -76,19 +76,8 @@ def test_classify_files(imagenet_tiny):
 
 def test_predict_script(imagenet_tiny, capsys):
     _, npz, paths = imagenet_tiny
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "predict.py")
-    spec = importlib.util.spec_from_file_location("_script_predict", path)
-    module = importlib.util.module_from_spec(spec)
-    before, was_parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
-    spec.loader.exec_module(module)
-    try:
-        flags.FLAGS(["predict.py", f"--checkpoint={npz}", "--resolution=32", "--top_k=3"])
-        module.main(["predict.py", *paths])
-    finally:
-        for flag in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, flag)
-        if not was_parsed:
-            flags.FLAGS.unparse_flags()
+    argv = [f"--checkpoint={npz}", "--resolution=32", "--top_k=3", *paths]
+    assert run_script("predict", argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == paths[0] and lines[4] == paths[1]
     assert "goldfish, Carassius auratus  [1]" in lines[1] and lines[1].strip().startswith("1.")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from tiny_run import REPO, TINY, assert_trees_equal, tiny_config
 
-from nfnets_jax import configlib, files, parallel, train
+from nfnets_jax import configlib, files, metrics, parallel, train
 from nfnets_jax.checkpoints import workdir as workdir_ckpt
 from nfnets_jax.train import loop, recipe, resume, steps, storage
 
@@ -273,12 +273,18 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_processes_train_together_and_match_single_process(tmp_path, monkeypatch):
-    workdir = str(tmp_path / "multi")
+    # As on a TPU pod slice: a gs:// workdir (a local stand-in for Cloud Storage, which the
+    # processes reach through the environment that fake_gcs.start() set).
+    import fake_gcs
+
+    fake_gcs.start()
+    workdir = f"gs://{fake_gcs.BUCKET}/two-processes/{tmp_path.name}"
     port = _free_port()
     procs = []
     for process_id in range(2):
         command = [
             sys.executable,
+            os.path.join(REPO, "tests", "fake_gcs.py"),
             os.path.join(REPO, "scripts", "train.py"),
             f"--config={TINY}",
             f"--workdir={workdir}",
@@ -332,8 +338,7 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, monkeyp
     multi = workdir_ckpt.Checkpointer(workdir).restore(template._asdict())
     assert int(multi["step"]) == 4
     assert_trees_equal(multi["params"], single["state"].params, rtol=1e-5, atol=1e-6)
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    evals = [r for r in records if r["split"] == "eval"]
+    evals = metrics.read_metrics(workdir)["eval"]
     assert evals[-1]["count"] == 360
     assert evals[-1]["top1"] == pytest.approx(single["eval"]["top1"], abs=1 / 360 + 1e-9)
 

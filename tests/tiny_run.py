@@ -1,10 +1,12 @@
-"""Shared by the trainer tests: the tiny digits config (configs/tiny.py) with overrides, and
-an exact comparison of training states."""
+"""Shared by the tests: the tiny digits config (configs/tiny.py) with overrides, an exact
+comparison of training states, and a script's main run in-process."""
 
+import importlib.util
 import os
 
 import jax
 import numpy as np
+from absl import flags
 
 from nfnets_jax import configlib
 
@@ -34,3 +36,27 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
         np.testing.assert_allclose(
             np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def run_script(name, argv):
+    """Runs scripts/<name>.py's main as `python scripts/<name>.py *argv` would, in-process.
+
+    Flags (`--x=y`) and positional arguments may come in any order; the script's absl flags
+    are removed again afterwards. Returns the exit status (0 when main returns).
+    """
+    path = os.path.join(REPO, "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    before, was_parsed = set(flags.FLAGS), flags.FLAGS.is_parsed()
+    spec.loader.exec_module(module)
+    try:
+        flags.FLAGS([f"{name}.py", *[a for a in argv if a.startswith("--")]])
+        module.main([f"{name}.py", *[a for a in argv if not a.startswith("--")]])
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        for flag in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, flag)
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()
