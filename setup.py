@@ -47,7 +47,7 @@ setuptools.setup(
     description="JAX + Haiku reference reimplementation of NFNets and Adaptive Gradient Clipping.",
     packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*"]),
     package_data={"nfnets_jax.checkpoints": ["imagenet_labels.txt"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.10
     install_requires=CORE,
     extras_require=EXTRAS,
 )

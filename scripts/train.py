@@ -8,9 +8,9 @@ Run the same command with --distributed on every host of a TPU pod slice (JAX fi
 other hosts itself; multi-task `srun` steps of Slurm and `mpirun` jobs need not even that
 flag). Elsewhere, multi-process runs pass --coordinator_address, --num_processes and
 --process_id. A run always resumes from the newest checkpoint in --workdir: a gs:// bucket
-path or a file system every process shares (checked at start-up; docs/training.md); resuming with
-a config that changes the model or the optimizer state is refused unless
---allow_config_change is given.
+path or a file system every process shares (checked at start-up); resuming with a config
+that changes the model or the optimizer state is refused unless --allow_config_change is
+given. docs/training.md has the options, docs/tpu.md a pod-slice run from start to end.
 """
 
 import os
