@@ -237,3 +237,22 @@ def replicas_identical(tree: Any) -> bool:
     first = np.stack([s[0] for s in sums])
     everyone = np.asarray(multihost_utils.process_allgather(first))
     return local and all(np.array_equal(everyone[0], other) for other in everyone[1:])
+
+
+def process_allgather_ints(values: Sequence[int]) -> np.ndarray:
+    """Every process's `values` (int32), as an array [process_count, len(values)].
+
+    All processes must call this together; one process: just its own values.
+    """
+    array = np.asarray(values, np.int32).reshape(1, -1)
+    if jax.process_count() == 1:
+        return array
+    from jax.experimental import multihost_utils  # Multi-process runs only.
+
+    gathered = multihost_utils.process_allgather(array[0])
+    return np.asarray(gathered).reshape(jax.process_count(), -1)
+
+
+def broadcast_ints(values: Sequence[int]) -> list[int]:
+    """Process 0's `values` (int32) on every process (all processes call this together)."""
+    return [int(v) for v in process_allgather_ints(values)[0]]

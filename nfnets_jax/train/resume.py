@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from nfnets_jax import files
+from nfnets_jax import files, parallel
 from nfnets_jax.checkpoints import workdir as workdir_ckpt
 from nfnets_jax.models import registry
 from nfnets_jax.train import recipe as recipe_lib
@@ -193,11 +193,7 @@ def check_resume_config(
 def _check_processes_agree(step: int, checkpointer: workdir_ckpt.Checkpointer) -> None:
     """Every process must resume from the same step (a read error on one host alone would
     otherwise split the replicas); raises, naming each process's step, if they do not."""
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-
-    steps_seen = np.asarray(multihost_utils.process_allgather(np.int32(step))).reshape(-1)
+    steps_seen = parallel.process_allgather_ints([step])[:, 0]
     if len(set(steps_seen.tolist())) > 1:
         raise RuntimeError(
             f"The processes read different checkpoints of {checkpointer.directory}: step per "

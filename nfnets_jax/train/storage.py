@@ -20,10 +20,9 @@ import uuid
 from collections.abc import Callable
 
 import jax
-import numpy as np
 from absl import logging
 
-from nfnets_jax import files
+from nfnets_jax import files, parallel
 
 PROBE_PREFIX = ".nfnets_probe-"
 # How long other processes look for process 0's probe (shared file systems may lag).
@@ -35,20 +34,6 @@ _MULTI_REGIONS = {"us": "us-", "eu": "europe-", "asia": "asia-"}
 
 class WorkdirError(OSError):
     """The workdir cannot be used: not writable, or not shared between the processes."""
-
-
-def _broadcast(values: list[int]) -> list[int]:
-    """Process 0's `values` on every process."""
-    from jax.experimental import multihost_utils
-
-    array = np.asarray(values, np.int32)
-    return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(array))]
-
-
-def _allgather(value: int) -> list[int]:
-    from jax.experimental import multihost_utils
-
-    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value)))]
 
 
 def _write_probe(path: str, token: int) -> str | None:
@@ -102,10 +87,11 @@ def check_workdir(workdir: str, wait_s: float = SHARED_WAIT_S) -> str:
             failure = f"{type(e).__name__}: {e}"
         failure = failure or _write_probe(probe, token)
     if jax.process_count() > 1:
-        token, failed = _broadcast([token, int(failure is not None)])
+        token, failed = parallel.broadcast_ints([token, int(failure is not None)])
         probe = files.join(workdir, f"{PROBE_PREFIX}{token:x}")
         sees = first or failed or _sees_probe(probe, token, wait_s)
-        blind = [i for i, ok in enumerate(_allgather(int(sees))) if not ok]
+        seen = parallel.process_allgather_ints([int(sees)])[:, 0]
+        blind = [i for i, ok in enumerate(seen) if not ok]
         failure = failure or ("failed (see the log of process 0)" if failed else None)
     else:
         blind = []
